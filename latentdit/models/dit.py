@@ -1,0 +1,353 @@
+"""The DiT model: a transformer over latent patches, conditioned on timestep and class by adaLN-Zero.
+
+Layout and parameter names follow the released DiT checkpoints (``DiT-XL-2-256x256.pt`` etc.), so
+their state dicts load strictly into :class:`DiT`:
+
+- ``x_embedder.proj``: patchifying convolution (kernel = stride = patch size);
+- ``pos_embed``: fixed 2D sin-cos position table, a frozen ``nn.Parameter`` (it sits in the state dict);
+- ``t_embedder.mlp.0/2``: MLP over 256-d sinusoidal timestep features (max period 10000);
+- ``y_embedder.embedding_table``: class table, with one extra "null" row when ``class_dropout_prob > 0``;
+- ``blocks.N``: ``attn.qkv``, ``attn.proj``, ``mlp.fc1``, ``mlp.fc2``, ``adaLN_modulation.1``;
+- ``final_layer``: ``adaLN_modulation.1`` and ``linear``.
+
+Forward: ``tokens = patchify(x) + pos_embed``, ``c = t_emb + y_emb``; every block applies
+``x += gate * f(LN(x) * (1 + scale) + shift)`` for attention and for the MLP, with shift/scale/gate
+regressed from ``c``; the final layer modulates, projects to ``patch² · out_channels`` and unpatchifies.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from latentdit.errors import LatentDiTError
+
+TIMESTEP_FREQ_DIM = 256
+TIMESTEP_MAX_PERIOD = 10000
+
+
+# --------------------------------------------------------------------------------------------------
+# Fixed embeddings
+# --------------------------------------------------------------------------------------------------
+
+def timestep_embedding(t: torch.Tensor, dim: int = TIMESTEP_FREQ_DIM,
+                       max_period: int = TIMESTEP_MAX_PERIOD) -> torch.Tensor:
+    """Sinusoidal features ``[cos(t·f_i), sin(t·f_i)]`` with ``f_i = max_period^(-i/half)``; t may be fractional."""
+    half = dim // 2
+    exponent = -math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device)
+    freqs = torch.exp(exponent / half)
+    args = t[:, None].float() * freqs[None]
+    emb = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+    if dim % 2:
+        emb = F.pad(emb, (0, 1))
+    return emb
+
+
+def sincos_1d(dim: int, pos: torch.Tensor) -> torch.Tensor:
+    """1D sin-cos table ``[sin(p·ω), cos(p·ω)]``, ``ω_i = 10000^(-i/(dim/2))``, computed in float64."""
+    omega = torch.arange(dim // 2, dtype=torch.float64, device=pos.device) / (dim / 2.0)
+    omega = 1.0 / 10000 ** omega
+    out = pos.reshape(-1).to(torch.float64)[:, None] * omega[None]
+    return torch.cat([torch.sin(out), torch.cos(out)], dim=1)
+
+
+def sincos_2d(dim: int, grid_size: int, device: torch.device | str | None = None) -> torch.Tensor:
+    """2D sin-cos table ``[grid_size², dim]`` in float64, tokens row-major.
+
+    The first half of each vector encodes the column index, the second half the row index (the
+    MAE/DiT convention, which diffusers' ``get_2d_sincos_pos_embed`` shares).
+    """
+    if dim % 4:
+        raise LatentDiTError(f"hidden_size must be divisible by 4 for the 2D sin-cos position embedding, got {dim}")
+    coords = torch.arange(grid_size, dtype=torch.float64, device=device)
+    rows, cols = torch.meshgrid(coords, coords, indexing="ij")
+    return torch.cat([sincos_1d(dim // 2, cols), sincos_1d(dim // 2, rows)], dim=1)
+
+
+def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """adaLN modulation of tokens ``x [N, T, D]`` by per-sample ``shift``/``scale [N, D]``."""
+    return x * (1 + scale.unsqueeze(1)) + shift.unsqueeze(1)
+
+
+# --------------------------------------------------------------------------------------------------
+# Embedders
+# --------------------------------------------------------------------------------------------------
+
+class PatchEmbed(nn.Module):
+    """Non-overlapping patches → tokens ``[N, (H/p)·(W/p), D]`` through a strided conv named ``proj``."""
+
+    def __init__(self, patch_size: int, in_channels: int, hidden_size: int):
+        super().__init__()
+        self.proj = nn.Conv2d(in_channels, hidden_size, kernel_size=patch_size, stride=patch_size, bias=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.proj(x).flatten(2).transpose(1, 2)
+
+
+class TimestepEmbedder(nn.Module):
+    """Timestep → ``hidden_size`` vector: sinusoidal features through ``Linear–SiLU–Linear``."""
+
+    def __init__(self, hidden_size: int, frequency_dim: int = TIMESTEP_FREQ_DIM):
+        super().__init__()
+        self.frequency_dim = frequency_dim
+        self.mlp = nn.Sequential(nn.Linear(frequency_dim, hidden_size), nn.SiLU(), nn.Linear(hidden_size, hidden_size))
+
+    def forward(self, t: torch.Tensor) -> torch.Tensor:
+        freq = timestep_embedding(t, self.frequency_dim)
+        return self.mlp(freq.to(self.mlp[0].weight.dtype))
+
+
+class LabelEmbedder(nn.Module):
+    """Class table with an extra null row (id ``num_classes``) when ``dropout_prob > 0``.
+
+    Labels are replaced by the null id with probability ``dropout_prob`` in training mode, or where
+    ``force_drop_ids == 1`` whenever that is given.
+    """
+
+    def __init__(self, num_classes: int, hidden_size: int, dropout_prob: float):
+        super().__init__()
+        self.num_classes = num_classes
+        self.dropout_prob = dropout_prob
+        self.has_null = dropout_prob > 0
+        self.embedding_table = nn.Embedding(num_classes + int(self.has_null), hidden_size)
+
+    def token_drop(self, labels: torch.Tensor, force_drop_ids: torch.Tensor | None = None) -> torch.Tensor:
+        if force_drop_ids is None:
+            drop = torch.rand(labels.shape[0], device=labels.device) < self.dropout_prob
+        else:
+            drop = torch.as_tensor(force_drop_ids, device=labels.device) == 1
+        return torch.where(drop, torch.full_like(labels, self.num_classes), labels)
+
+    def forward(self, labels: torch.Tensor, train: bool, force_drop_ids: torch.Tensor | None = None) -> torch.Tensor:
+        if (train and self.has_null) or force_drop_ids is not None:
+            labels = self.token_drop(labels, force_drop_ids)
+        return self.embedding_table(labels)
+
+
+# --------------------------------------------------------------------------------------------------
+# Transformer blocks
+# --------------------------------------------------------------------------------------------------
+
+class Attention(nn.Module):
+    """Multi-head self-attention with a fused ``qkv`` projection and ``scaled_dot_product_attention``."""
+
+    def __init__(self, dim: int, num_heads: int):
+        super().__init__()
+        self.num_heads = num_heads
+        self.head_dim = dim // num_heads
+        self.qkv = nn.Linear(dim, 3 * dim, bias=True)
+        self.proj = nn.Linear(dim, dim, bias=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        n, t, d = x.shape
+        q, k, v = self.qkv(x).reshape(n, t, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+        x = F.scaled_dot_product_attention(q, k, v)
+        return self.proj(x.transpose(1, 2).reshape(n, t, d))
+
+
+class Mlp(nn.Module):
+    """``fc1 → GELU(tanh) → fc2``."""
+
+    def __init__(self, dim: int, hidden_dim: int):
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden_dim)
+        self.act = nn.GELU(approximate="tanh")
+        self.fc2 = nn.Linear(hidden_dim, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(self.act(self.fc1(x)))
+
+
+class DiTBlock(nn.Module):
+    """adaLN-Zero transformer block: shift/scale/gate for attention and for the MLP, regressed from c."""
+
+    def __init__(self, hidden_size: int, num_heads: int, mlp_ratio: float = 4.0):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
+        self.attn = Attention(hidden_size, num_heads)
+        self.norm2 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
+        self.mlp = Mlp(hidden_size, int(hidden_size * mlp_ratio))
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 6 * hidden_size))
+
+    def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.adaLN_modulation(c).chunk(6, dim=1)
+        x = x + gate_msa.unsqueeze(1) * self.attn(modulate(self.norm1(x), shift_msa, scale_msa))
+        x = x + gate_mlp.unsqueeze(1) * self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp))
+        return x
+
+
+class FinalLayer(nn.Module):
+    """adaLN (shift, scale) → linear to ``patch² · out_channels`` per token."""
+
+    def __init__(self, hidden_size: int, patch_size: int, out_channels: int):
+        super().__init__()
+        self.norm_final = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
+        self.linear = nn.Linear(hidden_size, patch_size * patch_size * out_channels)
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 2 * hidden_size))
+
+    def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        shift, scale = self.adaLN_modulation(c).chunk(2, dim=1)
+        return self.linear(modulate(self.norm_final(x), shift, scale))
+
+
+# --------------------------------------------------------------------------------------------------
+# The model
+# --------------------------------------------------------------------------------------------------
+
+def _check_int(name: str, value: Any, minimum: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise LatentDiTError(f"DiT {name} must be an integer >= {minimum}, got {value!r}")
+    return value
+
+
+class DiT(nn.Module):
+    """Diffusion transformer over ``[N, in_channels, input_size, input_size]`` latents.
+
+    ``forward(x, t, y)`` returns ``[N, out_channels, input_size, input_size]`` where ``out_channels``
+    is ``2 · in_channels`` with ``learn_sigma`` (eps then the variance interpolation values) and
+    ``in_channels`` otherwise. ``t`` holds timestep indices (float or long, shape ``[N]`` or a scalar);
+    ``y`` holds class ids in ``[0, num_classes)``, or ``null_class_id`` when the null row exists.
+    """
+
+    def __init__(self, input_size: int = 32, patch_size: int = 2, in_channels: int = 4, hidden_size: int = 1152,
+                 depth: int = 28, num_heads: int = 16, mlp_ratio: float = 4.0, class_dropout_prob: float = 0.1,
+                 num_classes: int = 1000, learn_sigma: bool = True, grad_checkpointing: bool = False):
+        super().__init__()
+        _check_int("input_size", input_size, 1)
+        _check_int("patch_size", patch_size, 1)
+        _check_int("in_channels", in_channels, 1)
+        _check_int("hidden_size", hidden_size, 4)
+        _check_int("depth", depth, 1)
+        _check_int("num_heads", num_heads, 1)
+        _check_int("num_classes", num_classes, 1)
+        if input_size % patch_size:
+            raise LatentDiTError(
+                f"DiT input_size {input_size} is not divisible by patch_size {patch_size}; "
+                f"use a latent size that is a multiple of {patch_size}")
+        if hidden_size % num_heads:
+            raise LatentDiTError(f"DiT hidden_size {hidden_size} is not divisible by num_heads {num_heads}")
+        if hidden_size % 4:
+            raise LatentDiTError(f"DiT hidden_size must be divisible by 4 (2D sin-cos position table), got {hidden_size}")
+        if not (isinstance(mlp_ratio, (int, float)) and math.isfinite(mlp_ratio) and mlp_ratio > 0):
+            raise LatentDiTError(f"DiT mlp_ratio must be a positive number, got {mlp_ratio!r}")
+        if not (isinstance(class_dropout_prob, (int, float)) and 0.0 <= class_dropout_prob <= 1.0):
+            raise LatentDiTError(f"DiT class_dropout_prob must be in [0, 1], got {class_dropout_prob!r}")
+
+        self._config = dict(input_size=input_size, patch_size=patch_size, in_channels=in_channels,
+                            hidden_size=hidden_size, depth=depth, num_heads=num_heads, mlp_ratio=float(mlp_ratio),
+                            class_dropout_prob=float(class_dropout_prob), num_classes=num_classes,
+                            learn_sigma=bool(learn_sigma), grad_checkpointing=bool(grad_checkpointing))
+        self.input_size = input_size
+        self.patch_size = patch_size
+        self.in_channels = in_channels
+        self.out_channels = in_channels * 2 if learn_sigma else in_channels
+        self.hidden_size = hidden_size
+        self.num_heads = num_heads
+        self.num_classes = num_classes
+        self.learn_sigma = bool(learn_sigma)
+        self.grad_checkpointing = bool(grad_checkpointing)
+        self.grid_size = input_size // patch_size
+
+        self.x_embedder = PatchEmbed(patch_size, in_channels, hidden_size)
+        self.t_embedder = TimestepEmbedder(hidden_size)
+        self.y_embedder = LabelEmbedder(num_classes, hidden_size, class_dropout_prob)
+        self.pos_embed = nn.Parameter(torch.zeros(1, self.grid_size ** 2, hidden_size), requires_grad=False)
+        self.blocks = nn.ModuleList([DiTBlock(hidden_size, num_heads, mlp_ratio) for _ in range(depth)])
+        self.final_layer = FinalLayer(hidden_size, patch_size, self.out_channels)
+        self.initialize_weights()
+
+    # -- construction -------------------------------------------------------------------------------
+
+    def initialize_weights(self) -> None:
+        """DiT-paper init: xavier linears / patch conv with zero bias, N(0, 0.02) label table and t-MLP,
+        zero adaLN outputs and final linear (a fresh model outputs exactly zero)."""
+        for module in self.modules():
+            if isinstance(module, nn.Linear):
+                nn.init.xavier_uniform_(module.weight)
+                nn.init.zeros_(module.bias)
+        with torch.no_grad():
+            self.pos_embed.copy_(sincos_2d(self.hidden_size, self.grid_size, self.pos_embed.device)
+                                 .to(self.pos_embed.dtype).unsqueeze(0))
+        w = self.x_embedder.proj.weight
+        nn.init.xavier_uniform_(w.view(w.shape[0], -1))
+        nn.init.zeros_(self.x_embedder.proj.bias)
+        nn.init.normal_(self.y_embedder.embedding_table.weight, std=0.02)
+        nn.init.normal_(self.t_embedder.mlp[0].weight, std=0.02)
+        nn.init.normal_(self.t_embedder.mlp[2].weight, std=0.02)
+        for block in self.blocks:
+            nn.init.zeros_(block.adaLN_modulation[-1].weight)
+            nn.init.zeros_(block.adaLN_modulation[-1].bias)
+        nn.init.zeros_(self.final_layer.adaLN_modulation[-1].weight)
+        nn.init.zeros_(self.final_layer.adaLN_modulation[-1].bias)
+        nn.init.zeros_(self.final_layer.linear.weight)
+        nn.init.zeros_(self.final_layer.linear.bias)
+
+    @property
+    def config(self) -> dict[str, Any]:
+        """Constructor arguments (JSON-serialisable); ``DiT(**model.config)`` rebuilds the architecture."""
+        return dict(self._config)
+
+    @property
+    def null_class_id(self) -> int:
+        """The label id of the unconditional ("null") row, ``num_classes``; only with class_dropout_prob > 0."""
+        if not self.y_embedder.has_null:
+            raise LatentDiTError(
+                "this DiT has no null class row (class_dropout_prob was 0), so it cannot run unconditionally "
+                "or with classifier-free guidance")
+        return self.num_classes
+
+    # -- forward ------------------------------------------------------------------------------------
+
+    def unpatchify(self, x: torch.Tensor) -> torch.Tensor:
+        """Tokens ``[N, T, p²·C]`` → images ``[N, C, H, W]``."""
+        c, p, g = self.out_channels, self.patch_size, self.grid_size
+        x = x.reshape(x.shape[0], g, g, p, p, c)
+        x = torch.einsum("nhwpqc->nchpwq", x)
+        return x.reshape(x.shape[0], c, g * p, g * p)
+
+    def _check_inputs(self, x: torch.Tensor, t: torch.Tensor | float, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if x.ndim != 4 or x.shape[1] != self.in_channels or x.shape[2] != self.input_size or x.shape[3] != self.input_size:
+            raise LatentDiTError(
+                f"DiT input x must have shape [N, {self.in_channels}, {self.input_size}, {self.input_size}], "
+                f"got {list(x.shape)}")
+        n = x.shape[0]
+        t = torch.as_tensor(t, device=x.device)
+        if t.ndim == 0:
+            t = t.expand(n)
+        if t.shape != (n,):
+            raise LatentDiTError(f"DiT timesteps t must be a scalar or have shape [{n}], got {list(t.shape)}")
+        y = torch.as_tensor(y, device=x.device)
+        if y.shape != (n,) or y.dtype.is_floating_point or y.dtype == torch.bool:
+            raise LatentDiTError(f"DiT class labels y must be an integer tensor of shape [{n}], "
+                                 f"got {y.dtype} {list(y.shape)}")
+        if not torch.compiler.is_compiling():
+            max_id = self.num_classes if self.y_embedder.has_null else self.num_classes - 1
+            bad = (y < 0) | (y > max_id)
+            if bool(bad.any()):
+                bad_ids = sorted(set(y[bad].tolist()))
+                allowed = (f"[0, {self.num_classes - 1}] or the null id {self.num_classes}" if self.y_embedder.has_null
+                           else f"[0, {self.num_classes - 1}] (this model has no null class row)")
+                raise LatentDiTError(f"DiT class ids out of range: {bad_ids[:10]}; expected ids in {allowed}")
+        return t, y
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor | float, y: torch.Tensor,
+                force_drop_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """Predict ``[N, out_channels, H, W]`` from latents x, timesteps t and labels y.
+
+        Label dropout happens in training mode (probability ``class_dropout_prob``), or exactly where
+        ``force_drop_ids == 1`` when given (the trainer passes it for reproducible multi-process runs).
+        """
+        t, y = self._check_inputs(x, t, y)
+        if force_drop_ids is not None and not self.y_embedder.has_null:
+            raise LatentDiTError("force_drop_ids given but this DiT has no null class row (class_dropout_prob is 0)")
+        h = self.x_embedder(x) + self.pos_embed
+        c = self.t_embedder(t) + self.y_embedder(y, self.training, force_drop_ids)
+        use_ckpt = self.grad_checkpointing and torch.is_grad_enabled()
+        for block in self.blocks:
+            h = checkpoint(block, h, c, use_reentrant=False) if use_ckpt else block(h, c)
+        return self.unpatchify(self.final_layer(h, c))
