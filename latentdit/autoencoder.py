@@ -1,0 +1,248 @@
+"""The image autoencoder (a diffusers ``AutoencoderKL``): loading, posterior moments, decoding.
+
+``VAE.load`` accepts the bundled name :data:`BUNDLED_VAE` (a small KL-f8 VAE trained on
+Fashion-MNIST by ``tools/train_vae.py`` and shipped in ``latentdit/assets/``), a local folder
+written by ``save_pretrained``, or a hub id such as ``stabilityai/sd-vae-ft-ema``. All three go
+through ``AutoencoderKL.from_pretrained``.
+
+The latent scaling factor is read from the VAE's own config (``VAE.scaling_factor``) and nowhere
+else: ``encode_moments`` returns *unscaled* posterior moments, ``decode`` takes *scaled* latents.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from latentdit.errors import LatentDiTError
+from latentdit.io import sha256_file, sha256_json
+
+#: The name users pass to get the VAE shipped with the package.
+BUNDLED_VAE = "latentdit/kl-f8-fashion-mnist"
+#: Folder of the bundled VAE under ``latentdit/assets/``.
+BUNDLED_VAE_DIR = "vae-kl-f8-fashion-mnist"
+#: JSON file beside the bundled VAE holding the numbers its model card states.
+BUNDLED_VAE_CARD_JSON = "model_card.json"
+
+_WEIGHT_FILES = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin")
+
+
+def bundled_vae_path() -> Path:
+    """The folder of the bundled VAE inside the installed package."""
+    return Path(str(resources.files("latentdit") / "assets" / BUNDLED_VAE_DIR))
+
+
+def _looks_like_local_path(spec: str) -> bool:
+    """Hub ids are ``owner/name``; anything else (absolute, relative, ``~``, deeper paths) is local."""
+    return spec.startswith((".", "/", "~")) or "\\" in spec or spec.count("/") != 1
+
+
+def resolve_vae_spec(spec: str | os.PathLike) -> tuple[str, Path | None]:
+    """Return ``(spec as str, local folder or None for a hub id)``, checking local folders."""
+    if isinstance(spec, os.PathLike):
+        spec = os.fspath(spec)
+    if not isinstance(spec, str) or not spec:
+        raise LatentDiTError(f"VAE spec must be a non-empty string or path, got {spec!r}")
+    if spec == BUNDLED_VAE:
+        folder = bundled_vae_path()
+        if not (folder / "config.json").is_file():
+            raise LatentDiTError(f"the bundled VAE {BUNDLED_VAE!r} is missing from this installation "
+                                 f"(expected {folder}/config.json); reinstall latentdit or rebuild it with "
+                                 "tools/train_vae.py.")
+        return spec, folder
+    path = Path(spec).expanduser()
+    if path.exists() or _looks_like_local_path(spec):
+        if not path.is_dir():
+            what = "is a file" if path.exists() else "does not exist"
+            raise LatentDiTError(f"VAE folder {spec} {what}: expected a folder written by "
+                                 f"AutoencoderKL.save_pretrained, a hub id like 'stabilityai/sd-vae-ft-ema', "
+                                 f"or the bundled name {BUNDLED_VAE!r}.")
+        if not (path / "config.json").is_file():
+            raise LatentDiTError(f"VAE folder {spec} has no config.json: expected a folder written by "
+                                 "AutoencoderKL.save_pretrained.")
+        if not any((path / name).is_file() for name in _WEIGHT_FILES):
+            raise LatentDiTError(f"VAE folder {spec} has no weights file (expected one of {', '.join(_WEIGHT_FILES)}).")
+        return spec, path
+    return spec, None
+
+
+class VAE:
+    """A loaded ``AutoencoderKL`` in eval mode with the helpers the latent pipeline needs."""
+
+    def __init__(self, model: Any, spec: str = "<in memory>", folder: Path | None = None) -> None:
+        self.model = model.eval().requires_grad_(False)
+        self.spec = spec
+        self.folder = folder
+        self._identity: dict[str, str] | None = None
+
+    # ------------------------------------------------------------------ loading
+    @classmethod
+    def load(cls, spec: str | os.PathLike = BUNDLED_VAE, device: str | torch.device = "cpu",
+             dtype: torch.dtype = torch.float32) -> "VAE":
+        """Load the bundled VAE, a local ``save_pretrained`` folder, or a hub id."""
+        from diffusers import AutoencoderKL
+
+        spec, folder = resolve_vae_spec(spec)
+        try:
+            model = AutoencoderKL.from_pretrained(str(folder) if folder is not None else spec, torch_dtype=dtype)
+        except LatentDiTError:
+            raise
+        except Exception as e:
+            if folder is not None:
+                raise LatentDiTError(f"could not load the VAE in {folder}: {e}") from e
+            raise LatentDiTError(
+                f"could not load the VAE {spec!r} from the Hugging Face hub ({type(e).__name__}: {e}). "
+                "If this machine is offline, download it elsewhere and pass the local folder written by "
+                f"save_pretrained, or use the bundled VAE {BUNDLED_VAE!r}."
+            ) from e
+        return cls(model.to(device=device), spec=spec, folder=folder)
+
+    # ------------------------------------------------------------------ facts
+    @property
+    def config(self) -> dict[str, Any]:
+        return dict(self.model.config)
+
+    @property
+    def scaling_factor(self) -> float:
+        """The latent scaling factor — read from the VAE config, the only place it is defined."""
+        return float(self.model.config.scaling_factor)
+
+    @property
+    def latent_channels(self) -> int:
+        return int(self.model.config.latent_channels)
+
+    @property
+    def downsample_factor(self) -> int:
+        return 2 ** (len(self.model.config.block_out_channels) - 1)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.model.parameters()).dtype
+
+    def latent_shape(self, image_size: int) -> tuple[int, int, int]:
+        """``(C, h, w)`` of the latents of a square ``image_size`` image."""
+        if image_size % self.downsample_factor:
+            raise LatentDiTError(f"image size {image_size} is not a multiple of the VAE's downsampling "
+                                 f"factor {self.downsample_factor}.")
+        side = image_size // self.downsample_factor
+        return (self.latent_channels, side, side)
+
+    def identity(self) -> dict[str, str]:
+        """``dict(spec, config_sha256, weights_sha256)`` — what a latent manifest records."""
+        if self._identity is None:
+            config = {k: v for k, v in self.config.items() if not k.startswith("_")}
+            self._identity = {"spec": self.spec, "config_sha256": sha256_json(config),
+                              "weights_sha256": self._weights_sha256()}
+        return dict(self._identity)
+
+    def _weights_sha256(self) -> str:
+        weights = self._weights_file()
+        if weights is not None:
+            return sha256_file(weights)
+        import hashlib  # no file to hash (hub cache layout unknown): hash the tensors in name order
+
+        h = hashlib.sha256()
+        for name, tensor in sorted(self.model.state_dict().items()):
+            h.update(name.encode())
+            h.update(tensor.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
+        return h.hexdigest()
+
+    def _weights_file(self) -> Path | None:
+        if self.folder is not None:
+            candidates = [self.folder / name for name in _WEIGHT_FILES]
+        else:
+            try:
+                from huggingface_hub import try_to_load_from_cache
+
+                candidates = [Path(p) for p in (try_to_load_from_cache(self.spec, name) for name in _WEIGHT_FILES)
+                              if isinstance(p, str)]
+            except Exception:
+                candidates = []
+        return next((p for p in candidates if p.is_file()), None)
+
+    # ------------------------------------------------------------------ encode / decode
+    @torch.no_grad()
+    def encode_moments(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Posterior ``(mean, std)`` (unscaled, float32, on the VAE's device) of images in ``[-1, 1]``."""
+        self._check_images(images)
+        posterior = self.model.encode(images.to(device=self.device, dtype=self.dtype)).latent_dist
+        return posterior.mean.float(), posterior.std.float()
+
+    @torch.no_grad()
+    def decode(self, scaled_latents: torch.Tensor) -> torch.Tensor:
+        """Images in ``[-1, 1]`` (float32) from latents *multiplied by* ``scaling_factor``."""
+        if scaled_latents.ndim != 4 or scaled_latents.shape[1] != self.latent_channels:
+            raise LatentDiTError(f"latents must be shaped [N, {self.latent_channels}, h, w], "
+                                 f"got {tuple(scaled_latents.shape)}")
+        z = scaled_latents.to(device=self.device, dtype=self.dtype) / self.scaling_factor
+        return self.model.decode(z).sample.float().clamp(-1.0, 1.0)
+
+    def encode_moments_batched(self, images: torch.Tensor, batch_size: int = 64,
+                               progress: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """:meth:`encode_moments` over ``images`` in chunks; results on the CPU."""
+        means, stds = [], []
+        for chunk in _chunks(images, batch_size, progress, "encode"):
+            mean, std = self.encode_moments(chunk)
+            means.append(mean.cpu())
+            stds.append(std.cpu())
+        return torch.cat(means), torch.cat(stds)
+
+    def decode_batched(self, scaled_latents: torch.Tensor, batch_size: int = 64,
+                       progress: bool = False) -> torch.Tensor:
+        """:meth:`decode` over ``scaled_latents`` in chunks; results on the CPU."""
+        return torch.cat([self.decode(chunk).cpu() for chunk in _chunks(scaled_latents, batch_size, progress, "decode")])
+
+    def reconstruct(self, images: torch.Tensor, batch_size: int = 64) -> torch.Tensor:
+        """Decode of the posterior mean (the deterministic reconstruction), on the CPU."""
+        mean, _ = self.encode_moments_batched(images, batch_size)
+        return self.decode_batched(mean * self.scaling_factor, batch_size)
+
+    def _check_images(self, images: torch.Tensor) -> None:
+        if images.ndim != 4 or images.shape[1] != self.model.config.in_channels:
+            raise LatentDiTError(f"images must be shaped [N, {self.model.config.in_channels}, H, W], "
+                                 f"got {tuple(images.shape)}")
+        f = self.downsample_factor
+        if images.shape[2] % f or images.shape[3] % f:
+            raise LatentDiTError(f"image size {tuple(images.shape[2:])} is not a multiple of the VAE's "
+                                 f"downsampling factor {f}.")
+
+    def __repr__(self) -> str:
+        return (f"VAE(spec={self.spec!r}, latent_channels={self.latent_channels}, "
+                f"downsample_factor={self.downsample_factor}, scaling_factor={self.scaling_factor:.6g})")
+
+
+def _chunks(x: torch.Tensor, batch_size: int, progress: bool, desc: str):
+    if batch_size < 1:
+        raise LatentDiTError(f"batch_size must be ≥ 1, got {batch_size}")
+    starts = range(0, x.shape[0], batch_size)
+    if progress:
+        from tqdm.auto import tqdm
+
+        starts = tqdm(starts, desc=desc, unit="batch")
+    for start in starts:
+        yield x[start:start + batch_size]
+
+
+def psnr(images: torch.Tensor, references: torch.Tensor) -> torch.Tensor:
+    """Per-image PSNR in dB of images in ``[-1, 1]`` (peak-to-peak range 2) against references."""
+    if images.shape != references.shape:
+        raise LatentDiTError(f"PSNR needs equal shapes, got {tuple(images.shape)} and {tuple(references.shape)}")
+    mse = (images.float() - references.float()).pow(2).flatten(1).mean(1)
+    return 10.0 * torch.log10(4.0 / mse.clamp_min(1e-12))
+
+
+def reconstruction_psnr(vae: VAE, images: torch.Tensor, batch_size: int = 64) -> float:
+    """Mean over images of the per-image PSNR (dB) of ``vae``'s mean reconstruction."""
+    value = float(psnr(vae.reconstruct(images, batch_size), images.cpu()).mean())
+    if not math.isfinite(value):
+        raise LatentDiTError("reconstruction PSNR is not finite; the VAE produced NaN/inf")
+    return value
