@@ -75,7 +75,8 @@ class VAE:
     """A loaded ``AutoencoderKL`` in eval mode with the helpers the latent pipeline needs."""
 
     def __init__(self, model: Any, spec: str = "<in memory>", folder: Path | None = None) -> None:
-        self.model = model.eval().requires_grad_(False)
+        # channels-last convolutions run about 2x faster on CPU (oneDNN) and use tensor cores on GPU
+        self.model = model.eval().requires_grad_(False).to(memory_format=torch.channels_last)
         self.spec = spec
         self.folder = folder
         self._identity: dict[str, str] | None = None
@@ -174,7 +175,8 @@ class VAE:
     def encode_moments(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Posterior ``(mean, std)`` (unscaled, float32, on the VAE's device) of images in ``[-1, 1]``."""
         self._check_images(images)
-        posterior = self.model.encode(images.to(device=self.device, dtype=self.dtype)).latent_dist
+        x = images.to(device=self.device, dtype=self.dtype).contiguous(memory_format=torch.channels_last)
+        posterior = self.model.encode(x).latent_dist
         return posterior.mean.float(), posterior.std.float()
 
     @torch.no_grad()
@@ -183,7 +185,8 @@ class VAE:
         if scaled_latents.ndim != 4 or scaled_latents.shape[1] != self.latent_channels:
             raise LatentDiTError(f"latents must be shaped [N, {self.latent_channels}, h, w], "
                                  f"got {tuple(scaled_latents.shape)}")
-        z = scaled_latents.to(device=self.device, dtype=self.dtype) / self.scaling_factor
+        z = (scaled_latents.to(device=self.device, dtype=self.dtype) / self.scaling_factor).contiguous(
+            memory_format=torch.channels_last)
         return self.model.decode(z).sample.float().clamp(-1.0, 1.0)
 
     def encode_moments_batched(self, images: torch.Tensor, batch_size: int = 64,
