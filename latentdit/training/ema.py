@@ -1,0 +1,70 @@
+"""Exponential moving average of a model's trainable weights.
+
+Only parameters with ``requires_grad`` are averaged; frozen parameters (the DiT's fixed sin-cos
+position embedding) and buffers are copied from the live model when the EMA weights are exported,
+so an exported state dict is a complete model state dict.
+"""
+
+from __future__ import annotations
+
+from typing import Mapping
+
+import torch
+from torch import nn
+
+from latentdit.errors import LatentDiTError
+
+
+class EMA:
+    """``shadow = decay * shadow + (1 - decay) * param`` for every trainable parameter, in fp32."""
+
+    def __init__(self, model: nn.Module, decay: float) -> None:
+        if not 0.0 <= decay <= 1.0:
+            raise LatentDiTError(f"EMA decay must be in [0, 1], got {decay}")
+        self.decay = float(decay)
+        self.names = [n for n, p in model.named_parameters() if p.requires_grad]
+        params = dict(model.named_parameters())
+        self.shadow: dict[str, torch.Tensor] = {
+            n: params[n].detach().to(torch.float32).clone() for n in self.names
+        }
+
+    @torch.no_grad()
+    def update(self, model: nn.Module, decay: float | None = None) -> None:
+        """One EMA step towards the current parameters of ``model``."""
+        d = self.decay if decay is None else float(decay)
+        params = dict(model.named_parameters())
+        shadow = [self.shadow[n] for n in self.names]
+        current = [params[n].detach() for n in self.names]
+        if any(c.dtype != torch.float32 for c in current):
+            current = [c.float() for c in current]
+        # shadow += (1 - d) * (param - shadow), i.e. shadow = d * shadow + (1 - d) * param
+        torch._foreach_lerp_(shadow, current, 1.0 - d)
+
+    def state_dict(self, model: nn.Module) -> dict[str, torch.Tensor]:
+        """A full model state dict with the averaged weights in place of the trainable ones."""
+        out = {}
+        for name, value in model.state_dict().items():
+            out[name] = self.shadow[name].to(value.dtype) if name in self.shadow else value.detach()
+        return out
+
+    def load_state_dict(self, state: Mapping[str, torch.Tensor], source: str = "EMA weights") -> None:
+        """Take the averaged weights from a full state dict written by :meth:`state_dict`."""
+        missing = [n for n in self.names if n not in state]
+        if missing:
+            raise LatentDiTError(f"{source} lack {len(missing)} trainable weights, e.g. {missing[:3]}")
+        for n in self.names:
+            if state[n].shape != self.shadow[n].shape:
+                raise LatentDiTError(f"{source}: '{n}' has shape {tuple(state[n].shape)}, "
+                                     f"expected {tuple(self.shadow[n].shape)}")
+            self.shadow[n].copy_(state[n].to(torch.float32))
+
+    def copy_to(self, model: nn.Module) -> None:
+        """Write the averaged weights into ``model`` (e.g. a separate copy used for sampling)."""
+        params = dict(model.named_parameters())
+        with torch.no_grad():
+            for n in self.names:
+                params[n].copy_(self.shadow[n].to(params[n].dtype))
+
+    def to(self, device: torch.device | str) -> "EMA":
+        self.shadow = {n: t.to(device) for n, t in self.shadow.items()}
+        return self

@@ -1,0 +1,138 @@
+"""Image grids with text labels (training sample grids, sampling tools, the demo report)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Sequence
+
+import torch
+
+from latentdit.errors import LatentDiTError
+
+
+def to_uint8(images: torch.Tensor) -> torch.Tensor:
+    """Images in [-1, 1] (N, C, H, W) → uint8 in [0, 255], 3 channels (grey is repeated)."""
+    if images.ndim != 4:
+        raise LatentDiTError(f"expected images shaped (N, C, H, W), got {tuple(images.shape)}")
+    x = images.detach().float().cpu()
+    if x.shape[1] == 1:
+        x = x.repeat(1, 3, 1, 1)
+    return ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+
+
+def save_labeled_grid(images: torch.Tensor, labels_text: Sequence[str], path: str | os.PathLike,
+                      nrow: int | None = None, padding: int = 2) -> Path:
+    """Save images in [-1, 1] as a labelled PNG grid, atomically.
+
+    ``nrow`` is the number of images per row (default: ``len(images) // len(labels_text)`` when the
+    labels are one per row, else a near-square layout). ``labels_text`` holds either one label per
+    row (drawn in a left margin: e.g. one row per class) or one label per image (drawn under each).
+    """
+    from PIL import Image, ImageDraw, ImageFont
+    from torchvision.utils import make_grid
+
+    from latentdit.io import atomic_path
+
+    n = images.shape[0]
+    if n == 0:
+        raise LatentDiTError("save_labeled_grid: no images to save")
+    labels = [str(s) for s in labels_text]
+    if nrow is None:
+        if labels and n % len(labels) == 0 and len(labels) < n:
+            nrow = n // len(labels)
+        elif len(labels) == n:
+            nrow = max(1, int(round(n ** 0.5)))
+        else:
+            nrow = n
+    rows = (n + nrow - 1) // nrow
+    per_row = len(labels) == rows and not (len(labels) == n and nrow > 1)
+    if labels and not per_row and len(labels) != n:
+        raise LatentDiTError(f"save_labeled_grid: got {len(labels)} labels for {n} images in {rows} rows; "
+                             "pass one label per row or one per image")
+    grid = make_grid(to_uint8(images), nrow=nrow, padding=padding, pad_value=255)
+    img = Image.fromarray(grid.permute(1, 2, 0).numpy())
+    font = ImageFont.load_default()
+    cell_h = images.shape[2] + padding
+    cell_w = images.shape[3] + padding
+    measure = ImageDraw.Draw(img)
+
+    def text_size(s: str) -> tuple[int, int]:
+        box = measure.textbbox((0, 0), s, font=font)
+        return box[2] - box[0], box[3] - box[1]
+
+    if per_row and labels:
+        margin = max(text_size(s)[0] for s in labels) + 8
+        canvas = Image.new("RGB", (img.width + margin, img.height), "white")
+        canvas.paste(img, (margin, 0))
+        draw = ImageDraw.Draw(canvas)
+        for r, s in enumerate(labels):
+            h = text_size(s)[1]
+            draw.text((4, r * cell_h + padding + (cell_h - padding - h) // 2), s, fill="black", font=font)
+    elif labels:
+        line = max(text_size(s)[1] for s in labels) + 4
+        canvas = Image.new("RGB", (img.width, img.height + rows * line), "white")
+        draw = ImageDraw.Draw(canvas)
+        for r in range(rows):
+            strip = img.crop((0, r * cell_h, img.width, min(img.height, (r + 1) * cell_h + padding)))
+            canvas.paste(strip, (0, r * (cell_h + line)))
+            for c in range(nrow):
+                i = r * nrow + c
+                if i >= n:
+                    break
+                draw.text((c * cell_w + padding, r * (cell_h + line) + cell_h + 1), labels[i][: max(1, cell_w // 6)],
+                          fill="black", font=font)
+    else:
+        canvas = img
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        canvas.save(tmp, format="PNG")
+    return path
+
+
+def save_line_plot(xs: Sequence[float], ys: Sequence[float], path: str | os.PathLike, *, title: str = "",
+                   xlabel: str = "", ylabel: str = "", size: tuple[int, int] = (640, 400),
+                   smooth: int = 0) -> Path:
+    """Save a simple line plot (e.g. a loss curve) as PNG with PIL alone, atomically.
+
+    Axes carry min/max tick labels; ``smooth`` > 1 overlays a running mean over that many points.
+    """
+    from PIL import Image, ImageDraw, ImageFont
+
+    from latentdit.io import atomic_path
+
+    if len(xs) != len(ys) or len(xs) < 1:
+        raise LatentDiTError(f"save_line_plot: need matching, non-empty x and y (got {len(xs)} and {len(ys)})")
+    width, height = size
+    left, right, top, bottom = 70, 20, 30, 45
+    img = Image.new("RGB", size, "white")
+    draw = ImageDraw.Draw(img)
+    font = ImageFont.load_default()
+    x0, x1 = float(min(xs)), float(max(xs))
+    y0, y1 = float(min(ys)), float(max(ys))
+    if x1 == x0:
+        x1 = x0 + 1
+    if y1 == y0:
+        y1 = y0 + 1
+
+    def px(x: float, y: float) -> tuple[float, float]:
+        return (left + (x - x0) / (x1 - x0) * (width - left - right),
+                height - bottom - (y - y0) / (y1 - y0) * (height - top - bottom))
+
+    draw.rectangle([left, top, width - right, height - bottom], outline="black")
+    draw.line([px(x, y) for x, y in zip(xs, ys)] if len(xs) > 1 else [px(xs[0], ys[0])] * 2,
+              fill=(120, 160, 220) if smooth > 1 else (30, 90, 200), width=1 if smooth > 1 else 2)
+    if smooth > 1 and len(ys) > 1:
+        avg = [sum(ys[max(0, i - smooth + 1):i + 1]) / len(ys[max(0, i - smooth + 1):i + 1]) for i in range(len(ys))]
+        draw.line([px(x, y) for x, y in zip(xs, avg)], fill=(200, 40, 40), width=2)
+    draw.text((left, 8), title, fill="black", font=font)
+    draw.text((left, height - bottom + 6), f"{x0:g}", fill="black", font=font)
+    draw.text((width - right - 40, height - bottom + 6), f"{x1:g}", fill="black", font=font)
+    draw.text(((width - len(xlabel) * 6) // 2, height - 18), xlabel, fill="black", font=font)
+    draw.text((6, top), f"{y1:.4g}", fill="black", font=font)
+    draw.text((6, height - bottom - 10), f"{y0:.4g}", fill="black", font=font)
+    draw.text((6, (height - bottom + top) // 2), ylabel, fill="black", font=font)
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        img.save(tmp, format="PNG")
+    return path
