@@ -13,7 +13,7 @@ import pytest
 
 from latentdit.cli import run_main
 from latentdit.metrics import FeatureStats, frechet_distance, load_stats, save_stats
-from test_metrics_helpers import random_images, use_fake_detector, write_folder
+from metrics_fakes import random_images, use_fake_detector, write_folder
 
 TOOL = Path(__file__).resolve().parents[1] / "tools" / "fid.py"
 

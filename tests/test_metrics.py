@@ -1,6 +1,6 @@
 """FID / KID / precision-recall maths, input reading, statistics files and the feature cache.
 
-The Inception network is replaced by a cheap deterministic stand-in here (see test_metrics_helpers);
+The Inception network is replaced by a cheap deterministic stand-in here (see metrics_fakes);
 the real network is tested in test_metrics_detector.py.
 """
 
@@ -22,7 +22,7 @@ from latentdit.metrics import (FeatureStats, compute_metrics, compute_stats, ext
                                load_source, load_stats, open_source, precision_recall, save_stats, tf_bilinear_resize,
                                verify_detector)
 from latentdit.metrics.features import FolderImages, NpzImages
-from test_metrics_helpers import random_images, use_fake_detector, write_folder
+from metrics_fakes import random_images, use_fake_detector, write_folder
 
 
 # ---------------------------------------------------------------------------------------------

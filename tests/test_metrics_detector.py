@@ -12,7 +12,7 @@ import torch
 from latentdit.errors import LatentDiTError
 from latentdit.metrics import DETECTOR_SHA256, FEATURE_DIM, InceptionDetector, extract_features, verify_detector
 from latentdit.metrics.inception import default_detector_path
-from test_metrics_helpers import random_images
+from metrics_fakes import random_images
 
 
 def _detector_or_skip() -> InceptionDetector:
