@@ -1,0 +1,131 @@
+"""tools/sample_ddp.py: ADM .npz layout, balanced labels, resume after a kill, 1 vs 2 processes."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from latentdit import sampling as S
+from latentdit.errors import LatentDiTError
+
+try:
+    from test_sampling import make_tiny_dit, make_tiny_vae_dir, save_our_checkpoint
+except ImportError:  # tests/ imported as a package
+    from tests.test_sampling import make_tiny_dit, make_tiny_vae_dir, save_our_checkpoint
+
+TOOL = Path(__file__).parents[1] / "tools" / "sample_ddp.py"
+N, CHUNK, BATCH = 10, 4, 2  # 3 chunks: 4 + 4 + 2
+
+
+def _tool():
+    spec = importlib.util.spec_from_file_location("sample_ddp_tool", TOOL)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    root = tmp_path_factory.mktemp("ddp")
+    vae_dir = make_tiny_vae_dir(root / "vae")
+    return save_our_checkpoint(make_tiny_dit(), root / "ema.safetensors", vae=str(vae_dir))
+
+
+def _argv(ckpt, out_dir, *extra):
+    return ["--ckpt", str(ckpt), "--out-dir", str(out_dir), "--num-samples", str(N), "--chunk-size", str(CHUNK),
+            "--batch-size", str(BATCH), "--sampler", "ddpm", "--num-steps", "3", "--cfg-scale", "1.5",
+            "--seed", "3", *extra]
+
+
+@pytest.fixture(scope="module")
+def one_process(ckpt, tmp_path_factory):
+    out = tmp_path_factory.mktemp("one")
+    assert _tool().main(_argv(ckpt, out)) == 0
+    return out
+
+
+def test_npz_has_the_adm_layout_and_balanced_distinct_samples(one_process):
+    with np.load(one_process / "samples.npz") as z:
+        assert z.files == ["arr_0", "arr_1"]
+        images, labels = z["arr_0"], z["arr_1"]
+    assert images.dtype == np.uint8 and images.shape == (N, 16, 16, 3)
+    assert labels.tolist() == [i % 4 for i in range(N)]
+    assert len({img.tobytes() for img in images}) == N
+    assert sorted(p.name for p in (one_process / S.CHUNK_DIR).iterdir()) == [
+        "chunk-000000.npz", "chunk-000001.npz", "chunk-000002.npz", S.CHUNK_SETTINGS]
+
+
+def test_resume_after_a_kill_keeps_finished_chunks(ckpt, one_process, tmp_path, monkeypatch):
+    tool = _tool()
+    real_write = S.write_chunk
+    written = []
+
+    def write_then_die(path, images, labels):
+        if written:
+            raise KeyboardInterrupt  # killed while sampling the second chunk
+        real_write(path, images, labels)
+        written.append(path)
+
+    monkeypatch.setattr(S, "write_chunk", write_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        tool.main(_argv(ckpt, tmp_path))
+    monkeypatch.setattr(S, "write_chunk", real_write)
+    chunks = tmp_path / S.CHUNK_DIR
+    assert [p.name for p in written] == ["chunk-000000.npz"]
+    assert S.missing_chunks(chunks, 3) == [1, 2]
+    assert not (tmp_path / "samples.npz").exists()
+    os.utime(written[0], ns=(1_000_000_000, 1_000_000_000))  # an old mtime: rewriting would change it
+
+    recomputed = []
+    monkeypatch.setattr(S, "write_chunk", lambda p, i, l: (recomputed.append(Path(p).name), real_write(p, i, l)))
+    assert tool.main(_argv(ckpt, tmp_path)) == 0
+    assert recomputed == ["chunk-000001.npz", "chunk-000002.npz"]
+    assert written[0].stat().st_mtime_ns == 1_000_000_000
+    with np.load(tmp_path / "samples.npz") as a, np.load(one_process / "samples.npz") as b:
+        assert np.array_equal(a["arr_0"], b["arr_0"]) and np.array_equal(a["arr_1"], b["arr_1"])
+
+
+def test_resume_with_other_settings_is_refused(ckpt, one_process):
+    with pytest.raises(LatentDiTError, match=r"other settings.*cfg_scale"):
+        _tool().main(_argv(ckpt, one_process)[:-4] + ["--cfg-scale", "2.0", "--seed", "3"])
+
+
+def test_gather_refuses_missing_chunks(tmp_path):
+    S.write_chunk(S.chunk_path(tmp_path, 0), np.zeros((2, 4, 4, 3), np.uint8), [0, 1])
+    with pytest.raises(LatentDiTError, match="1 chunk\\(s\\) missing"):
+        S.gather_chunks(tmp_path, 4, 2, tmp_path / "s.npz")
+
+
+def test_balanced_labels_and_chunk_ranges():
+    assert S.balanced_labels(range(5, 12), 3) == [2, 0, 1, 2, 0, 1, 2]
+    assert [list(S.chunk_range(k, 10, 4)) for k in range(S.num_chunks(10, 4))] == [
+        [0, 1, 2, 3], [4, 5, 6, 7], [8, 9]]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_two_processes_equal_one_process(ckpt, one_process, tmp_path):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+           "--main_process_port", str(_free_port()), str(TOOL), *_argv(ckpt, tmp_path)]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "on 2 process(es)" in proc.stdout
+    with np.load(tmp_path / "samples.npz") as a, np.load(one_process / "samples.npz") as b:
+        assert a["arr_0"].shape == (N, 16, 16, 3)
+        assert len({img.tobytes() for img in a["arr_0"]}) == N
+        assert np.bincount(a["arr_1"], minlength=4).tolist() == [3, 3, 2, 2]
+        assert np.array_equal(a["arr_0"], b["arr_0"]) and np.array_equal(a["arr_1"], b["arr_1"])
