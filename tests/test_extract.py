@@ -48,14 +48,6 @@ def make_image_folder(root: Path, per_class: int = 5, classes=("cat", "ant", "be
     return root
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny convolutions run faster on one thread (and do not fight other processes for the cores)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 @pytest.fixture(scope="module")
 def vae_dir(tmp_path_factory) -> Path:

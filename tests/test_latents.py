@@ -19,13 +19,6 @@ from latentdit.io import load_safetensors
 IMAGE_SIZE = 16
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 @pytest.fixture(scope="module")
 def latent_dir(tmp_path_factory) -> Path:

@@ -75,14 +75,6 @@ def latents(tmp_path_factory) -> Path:
     return extract(write_image_folder(root / "images"), root / "lat", PoolVAE())
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """The test machine is shared: one intra-op thread keeps timings sane (and results deterministic)."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
 
 BASE = ["model.name=DiT-T/2", "train.global_batch_size=8", "train.lr=1e-3", "train.max_steps=4",
         "train.log_every=1", "train.ckpt_every=1000", "train.ema_decay=0.9", "train.tensorboard=false",
