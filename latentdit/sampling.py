@@ -33,11 +33,8 @@ from latentdit.models.guidance import check_cfg_scale
 SAMPLERS = ("ddpm", "ddim", "dpm-solver")
 DEFAULT_NUM_STEPS = {"ddpm": 250, "ddim": 50, "dpm-solver": 25}
 
-# Safetensors metadata keys written by our trainer (JSON strings).
-META_MODEL = "latentdit_model"
-META_CLASS_NAMES = "latentdit_class_names"
-META_VAE = "latentdit_vae"
-META_DIFFUSION = "latentdit_diffusion"
+from latentdit.models.checkpoint import META_CLASS_NAMES, META_DIFFUSION, META_VAE
+from latentdit.models.checkpoint import METADATA_KEY as META_MODEL
 
 _PREFERRED_WEIGHTS = ("ema.safetensors", "model.safetensors")
 _STEP_DIR = re.compile(r"^step-(\d+)$")

@@ -262,6 +262,9 @@ def test_train_writes_checkpoints_metrics_and_loadable_ema(latents, tmp_path):
     ema_path = ck / "ema.safetensors"
     tensors, meta = load_safetensors(ema_path)
     assert json.loads(meta["latentdit_class_names"]) == ["ant", "bee", "cat", "dog"]
+    # ... and names the VAE of its latents and its noise schedule, so sampling needs nothing else
+    assert json.loads(meta["latentdit_vae"]) == json.loads((latents / "manifest.json").read_text())["vae"]["spec"]
+    assert json.loads(meta["latentdit_diffusion"]) == {"noise_schedule": "linear", "diffusion_steps": 1000}
     loaded = load_dit(ema_path).eval()
     manual = DiT(**json.loads(meta["latentdit_model"])).eval()
     manual.load_state_dict(tensors)

@@ -33,7 +33,11 @@ from latentdit.models.dit import DiT
 from latentdit.models.guidance import unwrap_model
 from latentdit.models.registry import default_num_heads, get_config
 
-METADATA_KEY = "latentdit_model"
+# Safetensors metadata keys (JSON strings) of the weights files latentdit writes.
+METADATA_KEY = "latentdit_model"              # the DiT constructor arguments (model.config)
+META_CLASS_NAMES = "latentdit_class_names"    # list of class names, index = class id
+META_VAE = "latentdit_vae"                    # the VAE spec the latents came from
+META_DIFFUSION = "latentdit_diffusion"        # {"noise_schedule": ..., "diffusion_steps": ...}
 _WRAPPER_KEYS = ("ema", "model", "state_dict")
 _PREFIXES = ("module.", "_orig_mod.")
 _DIT_ARGS = [p for p in inspect.signature(DiT.__init__).parameters if p != "self"]

@@ -29,6 +29,8 @@ import torch
 
 from latentdit.errors import LatentDiTError
 from latentdit.io import read_json, save_safetensors
+from latentdit.models.checkpoint import META_CLASS_NAMES, META_DIFFUSION, META_VAE
+from latentdit.models.checkpoint import METADATA_KEY as META_MODEL
 
 CHECKPOINTS_DIRNAME = "checkpoints"
 _STEP_RE = re.compile(r"^step-(\d{7,})$")
@@ -37,8 +39,6 @@ EMA_FILE = "ema.safetensors"
 OPTIMIZER_FILE = "optimizer.pt"
 SCHEDULER_FILE = "scheduler.pt"
 STATE_FILE = "state.json"
-META_MODEL = "latentdit_model"
-META_CLASS_NAMES = "latentdit_class_names"
 
 
 def checkpoint_name(step: int) -> str:
@@ -187,19 +187,25 @@ def resolve_resume(spec: str | None, run_dir: str | os.PathLike) -> Path | None:
 # files inside a checkpoint
 # --------------------------------------------------------------------------------------------
 
-def weights_metadata(model_config: Mapping[str, Any], class_names: list[str] | None) -> dict[str, str]:
+def weights_metadata(model_config: Mapping[str, Any], class_names: list[str] | None,
+                     vae: str | None = None, diffusion: Mapping[str, Any] | None = None) -> dict[str, str]:
     meta = {META_MODEL: json.dumps(dict(model_config), sort_keys=True)}
     if class_names is not None:
         meta[META_CLASS_NAMES] = json.dumps(list(class_names))
+    if vae is not None:
+        meta[META_VAE] = json.dumps(vae)
+    if diffusion is not None:
+        meta[META_DIFFUSION] = json.dumps(dict(diffusion), sort_keys=True)
     return meta
 
 
 def save_weights(state_dict: Mapping[str, torch.Tensor], path: str | os.PathLike,
-                 model_config: Mapping[str, Any], class_names: list[str] | None = None) -> None:
-    """Safetensors with the model config (and class names) in the metadata, so
-    ``latentdit.models.checkpoint.load_dit`` rebuilds the model from the file alone."""
+                 model_config: Mapping[str, Any], class_names: list[str] | None = None,
+                 vae: str | None = None, diffusion: Mapping[str, Any] | None = None) -> None:
+    """Safetensors with the model config (and class names, VAE spec, noise schedule) in the metadata,
+    so ``latentdit.models.checkpoint.load_dit`` and the sampling tools work from the file alone."""
     tensors = {k: v.detach().to("cpu") for k, v in state_dict.items()}
-    save_safetensors(tensors, path, weights_metadata(model_config, class_names))
+    save_safetensors(tensors, path, weights_metadata(model_config, class_names, vae, diffusion))
 
 
 def read_state(ckpt: Path) -> dict[str, Any]:

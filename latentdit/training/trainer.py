@@ -363,8 +363,11 @@ def train(cfg: Config, resume: str | None = None, *, loss_hook: LossHook | None 
         torch_save(rng_state(), tmp / rng_file(rank))
         model_sd = accelerator.get_state_dict(model)
         if is_main:
-            save_weights(model_sd, tmp / MODEL_FILE, model_config, dataset.class_names)
-            save_weights(ema.state_dict(raw_model), tmp / EMA_FILE, model_config, dataset.class_names)
+            meta = dict(class_names=dataset.class_names, vae=dataset.vae,
+                        diffusion={"noise_schedule": cfg.diffusion.noise_schedule,
+                                   "diffusion_steps": cfg.diffusion.diffusion_steps})
+            save_weights(model_sd, tmp / MODEL_FILE, model_config, **meta)
+            save_weights(ema.state_dict(raw_model), tmp / EMA_FILE, model_config, **meta)
             torch_save(optimizer.state_dict(), tmp / OPTIMIZER_FILE)
             torch_save(scheduler.state_dict(), tmp / SCHEDULER_FILE)
         accelerator.wait_for_everyone()
