@@ -73,6 +73,7 @@ class TrainConfig:
     max_steps: int = 400_000
     max_minutes: float = 0.0
     ema_decay: float = 0.9999
+    ema_warmup: bool = False      # decay min(ema_decay, (1+n)/(10+n)) after n updates: for short runs
     mixed_precision: str = "no"
     compile: bool = False
     tf32: bool = True

@@ -148,6 +148,15 @@ def test_step_randomness_depends_on_seed_and_step_only():
 # EMA and checkpoint manager
 # ----------------------------------------------------------------------------------------------
 
+def test_ema_warmup_decay():
+    from latentdit.training.ema import warmup_decay
+
+    assert warmup_decay(0.9999, 0) == pytest.approx(0.1)
+    assert warmup_decay(0.9999, 90) == pytest.approx(91 / 100)
+    assert warmup_decay(0.99, 10_000) == 0.99  # capped by the configured decay
+    assert all(warmup_decay(0.9999, n) <= warmup_decay(0.9999, n + 1) for n in range(0, 5000, 7))
+
+
 def test_ema_math_and_frozen_params():
     torch.manual_seed(0)
     model = torch.nn.Linear(3, 2)

@@ -15,6 +15,12 @@ from torch import nn
 from latentdit.errors import LatentDiTError
 
 
+def warmup_decay(decay: float, num_updates: int) -> float:
+    """``min(decay, (1 + n) / (10 + n))`` after ``n`` updates: a short memory early in training, so a
+    short run's EMA is not dominated by the (random or zero) initial weights."""
+    return min(decay, (1.0 + num_updates) / (10.0 + num_updates))
+
+
 class EMA:
     """``shadow = decay * shadow + (1 - decay) * param`` for every trainable parameter, in fp32."""
 

@@ -33,7 +33,7 @@ from latentdit.training.checkpoint import (
     read_state, resolve_resume, rng_file, rng_state, save_weights, set_rng_state,
 )
 from latentdit.training.data import BatchLayout, EpochIndexed, StepBatchSampler, StepRandomness, seed_for
-from latentdit.training.ema import EMA
+from latentdit.training.ema import EMA, warmup_decay
 
 METRICS_FILE = "metrics.jsonl"
 CONFIG_FILE = "config.yaml"
@@ -424,7 +424,7 @@ def train(cfg: Config, resume: str | None = None, *, loss_hook: LossHook | None 
             if not accelerator.optimizer_step_was_skipped:
                 scheduler.step()
             optimizer.zero_grad(set_to_none=True)
-            ema.update(raw_model)
+            ema.update(raw_model, warmup_decay(t_cfg.ema_decay, step - 1) if t_cfg.ema_warmup else None)
             first_bad = torch.where((first_bad < 0) & ~torch.isfinite(step_loss),
                                     torch.full_like(first_bad, step), first_bad)
             loss_sum += step_loss
@@ -446,7 +446,11 @@ def train(cfg: Config, resume: str | None = None, *, loss_hook: LossHook | None 
                 if is_main:
                     with open(metrics_path, "a") as f:
                         f.write(json.dumps(row) + "\n")
-                    progress.set_postfix(loss=f"{row['loss']:.4f}", img_s=f"{row['img_per_sec']:.1f}")
+                    postfix = dict(loss=f"{row['loss']:.4f}", img_s=f"{row['img_per_sec']:.1f}")
+                    if t_cfg.max_minutes > 0:  # the step total is then only an upper bound
+                        left = t_cfg.max_minutes - (time.monotonic() - t_start) / 60
+                        postfix["budget_left"] = f"{max(left, 0.0):.1f}min"
+                    progress.set_postfix(postfix)
                 if t_cfg.tensorboard:
                     accelerator.log({k: v for k, v in row.items() if k != "step" and v is not None}, step=step)
                 loss_sum = torch.zeros((), device=device)
