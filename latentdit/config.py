@@ -266,6 +266,7 @@ def apply_overrides(data: dict[str, Any], overrides: Sequence[str]) -> dict[str,
                 value = yaml.safe_load(raw) if raw.strip() else None
             except yaml.YAMLError as e:
                 raise LatentDiTError(f"config override {text!r}: could not parse value ({e})") from e
+            value = _coerce(value, hints[key], f"config override {text!r}: field '{section}.{key}'")
         sec = data.get(section)
         if not isinstance(sec, dict):
             sec = {}

@@ -143,10 +143,14 @@ def torch_load(path: str | os.PathLike, what: str = "checkpoint") -> Any:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
-        raise LatentDiTError(
-            f"could not read {what} {path}: {e}. Only plain tensors/dicts are accepted "
-            "(files are loaded with weights_only=True)."
-        ) from e
+        text = str(e)
+        if "Weights only load failed" in text:  # torch's long text suggests weights_only=False: we never do
+            reason = ("it is not a PyTorch file of plain tensors and containers, or it holds pickled Python "
+                      "objects, which are refused for safety")
+        else:
+            reason = text.strip().splitlines()[0] if text.strip() else type(e).__name__
+        raise LatentDiTError(f"could not read {what} {path}: {reason}. Expected a .pt/.pth state dict "
+                             "(loaded with weights_only=True) or a .safetensors file.") from e
 
 
 def torch_save(obj: Any, path: str | os.PathLike) -> None:

@@ -82,8 +82,8 @@ def _display(cmd: Sequence[str]) -> str:
             part = "python"
         elif part == str(Path(sys.executable).with_name("accelerate")):
             part = "accelerate"
-        elif part.startswith(str(REPO_ROOT) + os.sep):
-            part = os.path.relpath(part, REPO_ROOT)
+        else:  # paths inside the repository, also in key=value overrides, relative to its root
+            part = part.replace(str(REPO_ROOT) + os.sep, "")
         shown.append(part)
     return shlex.join(shown)
 

@@ -1,0 +1,79 @@
+"""The end-to-end demo's orchestration: stage commands, resumability hooks, and the report."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import pytest
+from PIL import Image
+
+from latentdit.errors import LatentDiTError
+from latentdit.pipeline import REPO_ROOT, Demo, DemoSettings, StageResult, _display
+from latentdit.visualize import save_line_plot
+
+
+def test_commands_are_shown_as_a_user_types_them():
+    cmd = [sys.executable, str(REPO_ROOT / "tools" / "train.py"), f"data.latents={REPO_ROOT}/demo_output/x", "/tmp/y"]
+    assert _display(cmd) == "python tools/train.py data.latents=demo_output/x /tmp/y"
+
+
+def test_train_stage_uses_accelerate_and_resumes(tmp_path, monkeypatch):
+    demo = Demo(DemoSettings(out=tmp_path, train_minutes=2.5, train_overrides=["model.name=DiT-T/4"]), log=lambda s: None)
+    seen = []
+    monkeypatch.setattr(demo, "_run", lambda name, cmd: seen.append((name, cmd)))
+    demo.stage_train()
+    demo.stage_extract()
+    (name, train_cmd), (_, extract_cmd) = seen
+    assert "launch" in train_cmd and str(REPO_ROOT / "tools" / "train.py") in train_cmd
+    assert train_cmd[train_cmd.index("--resume") + 1] == "auto"
+    assert f"train.max_minutes=2.5" in train_cmd and train_cmd[-1] == "model.name=DiT-T/4"
+    assert "data.flip=false" in train_cmd and "--no-flip" in extract_cmd
+    assert extract_cmd[extract_cmd.index("--limit") + 1] == str(DemoSettings.extract_limit)
+
+
+def test_unknown_stage_and_missing_checkpoint_are_clear_errors(tmp_path):
+    demo = Demo(DemoSettings(out=tmp_path), log=lambda s: None)
+    with pytest.raises(LatentDiTError, match="unknown demo stage"):
+        demo.run(["sample"])
+    with pytest.raises(LatentDiTError, match="run the 'train' stage first"):
+        demo.checkpoint()
+
+
+def test_failed_stage_names_its_command(tmp_path):
+    demo = Demo(DemoSettings(out=tmp_path), log=lambda s: None)
+    with pytest.raises(LatentDiTError, match="demo stage 'boom' failed .*exit status 3.*finished stages are kept"):
+        demo._run("boom", [sys.executable, "-c", "raise SystemExit(3)"])
+
+
+def test_report_has_grid_loss_curve_metrics_and_commands(tmp_path):
+    demo = Demo(DemoSettings(out=tmp_path, cfg_scales=(1.0, 3.0)), log=lambda s: None)
+    run = demo.run_dir
+    run.mkdir(parents=True)
+    (run / "metrics.jsonl").write_text("".join(json.dumps({"step": s, "loss": 1.0 / s}) + "\n" for s in range(1, 30)))
+    (run / "config.yaml").write_text("name: x\n")
+    for scale, fid in ((1.0, 80.0), (3.0, 40.0)):
+        demo.metrics_json(scale).parent.mkdir(parents=True, exist_ok=True)
+        demo.metrics_json(scale).write_text(json.dumps({"fid": fid, "kid_mean": fid / 1e4, "kid_std": 1e-4,
+                                                        "precision": 0.5, "recall": 0.25}))
+    demo.results.append(StageResult("train", "accelerate launch tools/train.py ...", 12.5))
+    report = demo.stage_report()
+    text = report.read_text()
+    assert "| 1 | 80.00 | 8.00 ± 0.10 | 0.500 | 0.250 |" in text
+    assert "| 3 | 40.00 |" in text and "`accelerate launch tools/train.py ...`" in text
+    assert Image.open(demo.report_dir / "loss.png").size == (640, 400)
+    assert (demo.report_dir / "config.yaml").read_text() == "name: x\n"
+    assert json.loads((demo.report_dir / "metrics.json").read_text())["3"]["fid"] == 40.0
+    # a later partial rerun keeps the timings of stages it did not run
+    demo2 = Demo(DemoSettings(out=tmp_path, cfg_scales=(1.0, 3.0)), log=lambda s: None)
+    demo2.results.append(StageResult("grid", "python tools/sample.py ...", 3.0))
+    demo2.stage_report()
+    names = [r["name"] for r in json.loads((demo.report_dir / "timings.json").read_text())["stages"]]
+    assert names == ["train", "grid"]
+
+
+def test_line_plot_rejects_mismatched_data(tmp_path):
+    with pytest.raises(LatentDiTError, match="matching"):
+        save_line_plot([1, 2], [1.0], tmp_path / "x.png")
+    save_line_plot([5], [0.5], tmp_path / "one.png")  # a single point still draws
+    assert (tmp_path / "one.png").exists()
