@@ -61,6 +61,7 @@ class DemoSettings:
     num_steps: int = 50
     seed: int = 0
     fid_batch_size: int = 50
+    data_dir: Path | None = None            # where latents/ and reference/ live (default: out); lets runs share them
 
 
 @dataclass
@@ -113,12 +114,16 @@ class Demo:
 
     # -- paths -------------------------------------------------------------------------------------
     @property
+    def data_dir(self) -> Path:
+        return Path(self.s.data_dir).expanduser().resolve() if self.s.data_dir else self.out
+
+    @property
     def latents_dir(self) -> Path:
-        return self.out / "latents" / "train"
+        return self.data_dir / "latents" / "train"
 
     @property
     def reference_npz(self) -> Path:
-        return self.out / "reference" / "test.npz"
+        return self.data_dir / "reference" / "test.npz"
 
     @property
     def run_dir(self) -> Path:
@@ -231,7 +236,7 @@ class Demo:
                     losses.append(rec["loss"])
         if steps:
             save_line_plot(steps, losses, self.report_dir / "loss.png", title="training loss (all processes)",
-                           xlabel="step", ylabel="loss", smooth=10)
+                           xlabel="step", ylabel="loss")
         if (self.run_dir / "config.yaml").exists():
             shutil.copyfile(self.run_dir / "config.yaml", self.report_dir / "config.yaml")
         table = {}
@@ -274,6 +279,7 @@ class Demo:
 def _settings_json(s: DemoSettings) -> dict:
     d = dict(s.__dict__)
     d["out"] = str(d["out"])
+    d["data_dir"] = str(d["data_dir"]) if d["data_dir"] else None
     d["cfg_scales"] = list(d["cfg_scales"])
     return d
 

@@ -91,12 +91,9 @@ def save_labeled_grid(images: torch.Tensor, labels_text: Sequence[str], path: st
 
 
 def save_line_plot(xs: Sequence[float], ys: Sequence[float], path: str | os.PathLike, *, title: str = "",
-                   xlabel: str = "", ylabel: str = "", size: tuple[int, int] = (640, 400),
-                   smooth: int = 0) -> Path:
-    """Save a simple line plot (e.g. a loss curve) as PNG with PIL alone, atomically.
-
-    Axes carry min/max tick labels; ``smooth`` > 1 overlays a running mean over that many points.
-    """
+                   xlabel: str = "", ylabel: str = "", size: tuple[int, int] = (640, 400)) -> Path:
+    """Save a simple line plot (e.g. a loss curve) as PNG with PIL alone, atomically; the axes carry
+    their min/max values."""
     from PIL import Image, ImageDraw, ImageFont
 
     from latentdit.io import atomic_path
@@ -121,10 +118,7 @@ def save_line_plot(xs: Sequence[float], ys: Sequence[float], path: str | os.Path
 
     draw.rectangle([left, top, width - right, height - bottom], outline="black")
     draw.line([px(x, y) for x, y in zip(xs, ys)] if len(xs) > 1 else [px(xs[0], ys[0])] * 2,
-              fill=(120, 160, 220) if smooth > 1 else (30, 90, 200), width=1 if smooth > 1 else 2)
-    if smooth > 1 and len(ys) > 1:
-        avg = [sum(ys[max(0, i - smooth + 1):i + 1]) / len(ys[max(0, i - smooth + 1):i + 1]) for i in range(len(ys))]
-        draw.line([px(x, y) for x, y in zip(xs, avg)], fill=(200, 40, 40), width=2)
+              fill=(30, 90, 200), width=2)
     draw.text((left, 8), title, fill="black", font=font)
     draw.text((left, height - bottom + 6), f"{x0:g}", fill="black", font=font)
     draw.text((width - right - 40, height - bottom + 6), f"{x1:g}", fill="black", font=font)
