@@ -321,11 +321,13 @@ class DiT(nn.Module):
             t = t.expand(n)
         if t.shape != (n,):
             raise LatentDiTError(f"DiT timesteps t must be a scalar or have shape [{n}], got {list(t.shape)}")
-        y = torch.as_tensor(y, device=x.device)
+        y = torch.as_tensor(y)
         if y.shape != (n,) or y.dtype.is_floating_point or y.dtype == torch.bool:
             raise LatentDiTError(f"DiT class labels y must be an integer tensor of shape [{n}], "
                                  f"got {y.dtype} {list(y.shape)}")
-        if not torch.compiler.is_compiling():
+        # Range check only where it costs no device sync: labels still on the CPU. (Labels already on a
+        # GPU come from the trainer or the sampling tools, which validate them before moving them.)
+        if y.device.type == "cpu" and not torch.compiler.is_compiling():
             max_id = self.num_classes if self.y_embedder.has_null else self.num_classes - 1
             bad = (y < 0) | (y > max_id)
             if bool(bad.any()):
@@ -333,7 +335,7 @@ class DiT(nn.Module):
                 allowed = (f"[0, {self.num_classes - 1}] or the null id {self.num_classes}" if self.y_embedder.has_null
                            else f"[0, {self.num_classes - 1}] (this model has no null class row)")
                 raise LatentDiTError(f"DiT class ids out of range: {bad_ids[:10]}; expected ids in {allowed}")
-        return t, y
+        return t, y.to(x.device)
 
     def forward(self, x: torch.Tensor, t: torch.Tensor | float, y: torch.Tensor,
                 force_drop_ids: torch.Tensor | None = None) -> torch.Tensor:
