@@ -191,13 +191,24 @@ class Demo:
                 np.savez(f, arr_0=images)
         self._record("reference", shown, start)
 
+    @property
+    def train_done_marker(self) -> Path:
+        return self.run_dir / "demo-train-finished"
+
     def stage_train(self) -> None:
+        """Train for the time budget. A finished run is not trained again (its checkpoint is what the
+        later stages and their finished chunks refer to); an interrupted one resumes."""
+        if self.train_done_marker.exists():
+            self.log(f"\n=== [train] already finished ({self.checkpoint().parent.name}); "
+                     f"delete {self.run_dir} to train again")
+            return
         cmd = _accelerate_launch() + [_tool("train.py"), "--config", str(DEMO_CONFIG), "--resume", "auto",
                                       f"data.latents={self.latents_dir}", f"train.run_dir={self.run_dir}",
                                       f"train.max_minutes={self.s.train_minutes:g}",
                                       f"data.flip={str(self.s.flip).lower()}", f"train.seed={self.s.seed}",
                                       *self.s.train_overrides]
         self._run("train", cmd)
+        self.train_done_marker.write_text(f"{self.checkpoint()}\n")
 
     def stage_grid(self) -> None:
         cmd = [sys.executable, _tool("sample.py"), "--ckpt", str(self.checkpoint()),

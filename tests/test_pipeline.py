@@ -21,7 +21,12 @@ def test_commands_are_shown_as_a_user_types_them():
 def test_train_stage_uses_accelerate_and_resumes(tmp_path, monkeypatch):
     demo = Demo(DemoSettings(out=tmp_path, train_minutes=2.5, train_overrides=["model.name=DiT-T/4"]), log=lambda s: None)
     seen = []
-    monkeypatch.setattr(demo, "_run", lambda name, cmd: seen.append((name, cmd)))
+
+    def fake_run(name, cmd):
+        seen.append((name, cmd))
+        (demo.run_dir / "checkpoints" / "step-0000001").mkdir(parents=True, exist_ok=True)
+
+    monkeypatch.setattr(demo, "_run", fake_run)
     demo.stage_train()
     demo.stage_extract()
     (name, train_cmd), (_, extract_cmd) = seen
@@ -77,3 +82,19 @@ def test_line_plot_rejects_mismatched_data(tmp_path):
         save_line_plot([1, 2], [1.0], tmp_path / "x.png")
     save_line_plot([5], [0.5], tmp_path / "one.png")  # a single point still draws
     assert (tmp_path / "one.png").exists()
+
+
+def test_a_finished_training_run_is_not_trained_again(tmp_path, monkeypatch):
+    demo = Demo(DemoSettings(out=tmp_path), log=lambda s: None)
+    calls = []
+
+    def fake_run(name, cmd):  # what a successful training run leaves behind
+        calls.append(name)
+        (demo.run_dir / "checkpoints" / "step-0000010").mkdir(parents=True)
+
+    monkeypatch.setattr(demo, "_run", fake_run)
+    demo.stage_train()
+    assert calls == ["train"] and demo.train_done_marker.exists()
+    demo.stage_train()  # a second `make demo` goes straight on to sampling with the same checkpoint
+    assert calls == ["train"]
+    assert demo.checkpoint() == demo.run_dir / "checkpoints" / "step-0000010" / "ema.safetensors"
