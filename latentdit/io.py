@@ -144,7 +144,7 @@ def torch_load(path: str | os.PathLike, what: str = "checkpoint") -> Any:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
         text = str(e)
-XX
+        if "Weights only load failed" in text:  # torch's long text advises turning the safe mode off: we never do
             reason = ("it is not a PyTorch file of plain tensors and containers, or it holds pickled Python "
                       "objects, which are refused for safety")
         else:
