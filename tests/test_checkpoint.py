@@ -10,6 +10,7 @@ import torch
 from latentdit.errors import LatentDiTError
 from latentdit.models import create_dit, load_dit, load_state_dict_file, save_dit
 from latentdit.models.checkpoint import METADATA_KEY, read_checkpoint
+from dit_helpers import randomize
 
 
 def tiny(**kw):
@@ -17,14 +18,6 @@ def tiny(**kw):
     args.update(kw)
     return create_dit("DiT-T/2", **args)
 
-
-def randomize(model, std: float = 0.05, seed: int = 0):
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.requires_grad:
-                p.add_(torch.randn(p.shape, generator=g) * std)
-    return model.eval()
 
 
 def outputs(model):

@@ -7,18 +7,10 @@ import torch
 
 from latentdit.errors import LatentDiTError
 from latentdit.models import create_dit, from_diffusers, to_diffusers
+from dit_helpers import randomize
 
 diffusers = pytest.importorskip("diffusers")
 
-
-def randomize(module, std: float = 0.05, seed: int = 0):
-    """Perturb every trainable weight: adaLN and final layers are no longer zero, so outputs can differ."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in module.parameters():
-            if p.requires_grad:
-                p.add_(torch.randn(p.shape, generator=g) * std)
-    return module.eval()
 
 
 def small(**kw):
