@@ -3,8 +3,9 @@
 Both run in the same process on the same folder of images (random 320×288 PNGs, so decoding, the
 box/bicubic resize and the center crop run as for real data), for each VAE:
 
-* baseline (how the fast-DiT extract script works): a DataLoader with batch size 1, one encoder call
-  per image, one posterior sample, one ``torch.save`` file per image;
+* baseline (how the fast-DiT extract script works): a DataLoader with batch size 1, the diffusers
+  model as loaded (default memory format), one ``encode(x).latent_dist.sample()`` call per image,
+  one ``np.save`` file per image;
 * ours: :func:`latentdit.data.extract.extract_latents` at batch sizes 1, 8, 32 — DataLoader workers
   decode, the encoder gets whole batches, moments go to float16 safetensors shards.
 
@@ -14,6 +15,11 @@ block, 4 latent channels; ≈ 3 s per 256² image on a 2-core CPU, so its counts
 encodes ``max(N, batch size)`` images. Flip moments are off by default so both sides do the same
 encoder work (``--flip`` doubles ours).
 
+Each VAE's encoder FLOPs per image are counted (``torch.utils.flop_counter``), so every row also
+shows the FLOP rate it reached as a fraction of the device's matmul peak, measured in the same run:
+the baseline's fraction bounds what any extraction of the same FLOPs can gain on that device
+(``ceiling`` = peak / baseline FLOP rate).
+
     python benchmarks/bench_extract.py                     # CPU, a few minutes
     python benchmarks/bench_extract.py --device cuda --sd-images 256 --bundled-images 2048
 """
@@ -21,6 +27,7 @@ encoder work (``--flip`` doubles ours).
 from __future__ import annotations
 
 import argparse
+import copy
 import shutil
 import tempfile
 import time
@@ -60,18 +67,46 @@ class _PerImage(torch.utils.data.Dataset):
 
 
 def baseline(vae: Any, folder: Path, out: Path, image_size: int, num_workers: int) -> float:
-    """Per-image extraction: batch 1, one encoder call and one ``torch.save`` file per image. Returns images/s."""
+    """Per-image extraction: batch 1, the plain diffusers model, one encoder call and one ``np.save``
+    file per image (latent and label). Returns images/s."""
     files = sorted((folder / "class0").glob("*.png"))
     loader = torch.utils.data.DataLoader(_PerImage(files, image_size), batch_size=1, num_workers=num_workers)
-    out.mkdir(parents=True, exist_ok=True)
-    gen = torch.Generator().manual_seed(0)
+    plain = copy.deepcopy(vae.model).to(memory_format=torch.contiguous_format)  # as from_pretrained gives it
+    (out / "features").mkdir(parents=True, exist_ok=True)
+    (out / "labels").mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     with torch.no_grad():
         for i, (x, y) in enumerate(loader):
-            mean, std = vae.encode_moments(x.to(vae.device))
-            z = (mean + std * torch.randn(mean.shape, generator=gen).to(mean.device)) * vae.scaling_factor
-            torch.save({"latent": z.cpu(), "label": y}, out / f"{i:07d}.pt")
+            z = plain.encode(x.to(vae.device)).latent_dist.sample().mul_(vae.scaling_factor)
+            np.save(out / "features" / f"{i}.npy", z.cpu().numpy())
+            np.save(out / "labels" / f"{i}.npy", y.numpy())
     return len(files) / (time.perf_counter() - t0)
+
+
+def encoder_flops(vae: Any, image_size: int) -> float:
+    """FLOPs of encoding one image (convolutions, matmuls, attention)."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.utils.flop_counter import FlopCounterMode
+
+    x = torch.zeros(1, 3, image_size, image_size, device=vae.device)
+    with torch.no_grad(), sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
+        vae.encode_moments(x)
+    return float(counter.get_total_flops())
+
+
+def matmul_peak(device: torch.device, n: int = 4096, reps: int = 5) -> float:
+    """Best fp32 FLOP/s of an n×n @ n×n matmul."""
+    a, b = torch.randn(n, n, device=device), torch.randn(n, n, device=device)
+    best = float("inf")
+    for _ in range(reps + 1):
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        t0 = time.perf_counter()
+        a @ b
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        best = min(best, time.perf_counter() - t0)
+    return 2 * n ** 3 / best
 
 
 def ours(vae: Any, folder: Path, out: Path, image_size: int, batch_size: int, num_workers: int, flip: bool) -> float:
@@ -102,9 +137,15 @@ def bench_vae(name: str, vae: Any, args, work: Path) -> list[dict[str, Any]]:
     folders = {c: make_images(work / f"images-{c}", c) for c in counts}
     with torch.no_grad():  # warm up kernels outside the timings
         vae.encode_moments(torch.zeros(1, 3, args.image_size, args.image_size, device=vae.device))
+    flops = encoder_flops(vae, args.image_size)
     rows = []
     base = baseline(vae, folders[n], work / "baseline", args.image_size, args.num_workers)
-    rows.append({"vae": name, "method": "per-image baseline", "batch": 1, "images": n, "img_s": base})
+    args.peak = max(args.peak, matmul_peak(vae.device))  # best of before and after each VAE (shared machines)
+    rows.append({"vae": name, "method": "per-image baseline", "batch": 1, "images": n, "img_s": base,
+                 "flops": flops})
+    print(f"  {name}: {flops / 1e9:.1f} GFLOP per image; baseline {base:.2f} img/s = "
+          f"{100 * base * flops / args.peak:.0f}% of the matmul peak, so at most "
+          f"{args.peak / (base * flops):.1f}x faster at the same FLOPs", flush=True)
     shutil.rmtree(work / "baseline")
     for b in args.batch_sizes:
         c = max(n, b)
@@ -112,7 +153,7 @@ def bench_vae(name: str, vae: Any, args, work: Path) -> list[dict[str, Any]]:
         speed = ours(vae, folders[c], out, args.image_size, b, args.num_workers, args.flip)
         shutil.rmtree(out)
         rows.append({"vae": name, "method": "ours" + (" (+flip)" if args.flip else ""), "batch": b, "images": c,
-                     "img_s": speed, "ratio": speed / base})
+                     "img_s": speed, "ratio": speed / base, "flops": flops * (2 if args.flip else 1)})
         print(f"  {name} batch {b}: {speed:.2f} img/s ({speed / base:.2f}x baseline {base:.2f} img/s)", flush=True)
     return rows
 
@@ -132,6 +173,8 @@ def main() -> None:
     from latentdit.autoencoder import BUNDLED_VAE, VAE
 
     rows: list[dict[str, Any]] = []
+    args.peak = matmul_peak(torch.device(args.device))
+    print(f"matmul peak fp32 {args.peak / 1e9:.0f} GFLOP/s")
     print(f"extraction benchmark: {args.image_size}x{args.image_size}, device {args.device}, "
           f"torch threads {torch.get_num_threads()}, DataLoader workers {args.num_workers}", flush=True)
     with tempfile.TemporaryDirectory(prefix="bench-extract-") as tmp:
@@ -146,10 +189,13 @@ def main() -> None:
         if "sd" not in args.skip:
             rows += bench_vae("SD-VAE-sized (random)", sd_sized_vae(args.device), args, work / "sd")
 
-    print(f"\n{'VAE':<24} {'method':<20} {'batch':>5} {'images':>6} {'img/s':>9} {'vs baseline':>11}")
+    print(f"\n{'VAE':<24} {'method':<20} {'batch':>5} {'images':>6} {'img/s':>9} {'vs baseline':>11} "
+          f"{'of peak':>7}  (matmul peak {args.peak / 1e9:.0f} GFLOP/s)")
     for r in rows:
         ratio = f"{r['ratio']:.2f}x" if "ratio" in r else "1.00x"
-        print(f"{r['vae']:<24} {r['method']:<20} {r['batch']:>5} {r['images']:>6} {r['img_s']:>9.2f} {ratio:>11}")
+        util = f"{100 * r['img_s'] * r['flops'] / args.peak:.0f}%"
+        print(f"{r['vae']:<24} {r['method']:<20} {r['batch']:>5} {r['images']:>6} {r['img_s']:>9.2f} {ratio:>11} "
+              f"{util:>7}")
 
 
 if __name__ == "__main__":

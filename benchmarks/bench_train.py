@@ -18,7 +18,9 @@ and after each model, since the load of a shared machine changes).
         --mixed-precision bf16 --compile on                # one GPU
 
 The model FLOPs of a training step are counted with ``torch.utils.flop_counter`` on one forward
-(matmuls and attention) and multiplied by 3 (forward + backward).
+(matmuls and attention) and multiplied by 3 (forward + backward). ``1 / MFU`` of the plain loop is
+printed as the ceiling of any fp32 step of the same FLOPs on that device: where the plain loop
+already runs near the matmul peak (DiT-S/2 and DiT-B/2 on a CPU), no fp32 step can be much faster.
 """
 
 from __future__ import annotations
@@ -217,8 +219,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         row["peak_fp32_tflops"] = peak_fp32 / 1e12
         if "plain fp32 eager" in row:
             row["speedup"] = row["ours"]["img_per_s"] / row["plain fp32 eager"]["img_per_s"]
+            # no step doing the same FLOPs in fp32 can beat the matmul peak
+            row["fp32_ceiling"] = 1.0 / row["plain fp32 eager"]["mfu"]
             print(f"{model_name:9s} speed-up of ours over plain: {row['speedup']:.2f}x "
-                  f"(matmul peak so far {peak_fp32 / 1e12:.3f} TFLOP/s fp32)")
+                  f"(matmul peak so far {peak_fp32 / 1e12:.3f} TFLOP/s fp32; an fp32 step of these FLOPs "
+                  f"can be at most {row['fp32_ceiling']:.2f}x the plain loop here)")
         results.append(row)
         del fns
         if gpu:

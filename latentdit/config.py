@@ -76,6 +76,7 @@ class TrainConfig:
     ema_warmup: bool = False      # decay min(ema_decay, (1+n)/(10+n)) after n updates: for short runs
     mixed_precision: str = "no"
     compile: bool = False
+    fsdp: bool = False            # shard params, grads and AdamW state across processes (FSDP2), for L/XL
     tf32: bool = True
     seed: int = 0
     ckpt_every: int = 50_000
@@ -355,5 +356,8 @@ def validate_config(cfg: Config, source: str = "config") -> None:
         fail("train.ema_decay", "a number in [0, 1]", t.ema_decay)
     if t.mixed_precision not in MIXED_PRECISION_CHOICES:
         fail("train.mixed_precision", f"one of {', '.join(MIXED_PRECISION_CHOICES)}", t.mixed_precision)
+    if t.fsdp and t.mixed_precision == "fp16":
+        fail("train.mixed_precision", "no or bf16 with train.fsdp=true (fp16 would need a gradient scaler)",
+             t.mixed_precision)
     if t.keep_last < 1 and t.milestone_every == 0:
         fail("train.keep_last", "at least 1 (or set train.milestone_every)", t.keep_last)

@@ -107,6 +107,12 @@ def test_out_of_range_values(override, field):
         load_config(None, [override])
 
 
+def test_fsdp_refuses_fp16_but_takes_bf16():
+    with pytest.raises(LatentDiTError, match=r"train\.mixed_precision.*train\.fsdp=true.*'fp16'"):
+        load_config(None, ["train.fsdp=true", "train.mixed_precision=fp16"])
+    assert load_config(None, ["train.fsdp=true", "train.mixed_precision=bf16"]).train.fsdp
+
+
 def test_missing_and_invalid_files(tmp_path):
     with pytest.raises(LatentDiTError, match="config file not found"):
         load_config(tmp_path / "nope.yaml")

@@ -235,6 +235,12 @@ def test_manifest_mismatch(latents, tmp_path, override, field):
     assert not (tmp_path / "run").exists()
 
 
+def test_fsdp_needs_several_processes(latents, tmp_path):
+    with pytest.raises(LatentDiTError, match=r"train\.fsdp=true.*single process.*--num_processes"):
+        train(make_cfg(latents, tmp_path / "run", "train.fsdp=true"))
+    assert not (tmp_path / "run").exists()
+
+
 def test_dataset_smaller_than_batch(latents, tmp_path):
     with pytest.raises(LatentDiTError, match="holds 64 latents, fewer than train.global_batch_size=128"):
         train(make_cfg(latents, tmp_path / "run", "train.global_batch_size=128"))
@@ -375,24 +381,34 @@ def test_labeled_grid(tmp_path):
         save_labeled_grid(imgs, ["a", "b", "c", "d"], tmp_path / "bad.png", nrow=3)
 
 
-def test_sample_grid_through_the_runs_vae(tmp_path):
+@pytest.fixture(scope="module")
+def vae_latents(tmp_path_factory) -> Path:
+    """16 latents [4, 8, 8] in 4 classes, encoded by a tiny real AutoencoderKL saved next to them (so the
+    trainer's sample grids can decode through "the run's VAE")."""
     pytest.importorskip("diffusers")
     from diffusers import AutoencoderKL
-    from PIL import Image
 
     from latentdit.autoencoder import VAE
 
+    root = tmp_path_factory.mktemp("vae_latents")
     torch.manual_seed(0)
-    vae_dir = tmp_path / "vae"
     AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
                   up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"), block_out_channels=(8, 16),
                   layers_per_block=1, latent_channels=4, norm_num_groups=4, sample_size=16,
-                  scaling_factor=0.7).save_pretrained(vae_dir)
-    lat = extract(write_image_folder(tmp_path / "images", n_per_class=4), tmp_path / "lat", VAE.load(vae_dir))
+                  scaling_factor=0.7).save_pretrained(root / "vae")
+    return extract(write_image_folder(root / "images", n_per_class=4), root / "lat", VAE.load(root / "vae"))
+
+
+GRID = ["train.sample_every=2", "train.sample_num_classes=2", "train.sample_num_seeds=3",
+        "diffusion.sample_steps=5", "train.sample_cfg_scale=2.0"]
+
+
+def test_sample_grid_through_the_runs_vae(vae_latents, tmp_path):
+    from PIL import Image
+
     run = tmp_path / "run"
-    train(load_config(None, [*BASE, f"data.latents={lat}", f"train.run_dir={run}", "train.max_steps=2",
-                             "train.sample_every=2", "train.sample_num_classes=2", "train.sample_num_seeds=3",
-                             "diffusion.sample_steps=5", "train.sample_cfg_scale=2.0"]))
+    train(load_config(None, [*BASE, f"data.latents={vae_latents}", f"train.run_dir={run}", "train.max_steps=2",
+                             *GRID]))
     grid = run / "samples" / "step-0000002.png"
     w, h = Image.open(grid).size
     assert h == 2 * 18 + 2 and w > 3 * 18 + 2  # 2 classes × 3 seeds of 16×16 images + a label margin
@@ -468,3 +484,86 @@ def test_two_processes_give_the_same_losses_as_one_with_twice_the_batch(latents,
     ck = two / "checkpoints" / "step-0000004"
     assert (ck / "rng-rank0.pt").is_file() and (ck / "rng-rank1.pt").is_file()
     assert json.loads((ck / "state.json").read_text())["num_processes"] == 2
+
+
+def _launch_two(args: list[str], timeout: float = 240) -> None:
+    cmd = [PY, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+           "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(_free_port()),
+           str(TRAIN_TOOL), *args]
+    proc = subprocess.run(cmd, env=subprocess_env(), capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+
+
+def _copy_run_up_to(src: Path, dst: Path, step: int) -> None:
+    """A run directory as it was when the checkpoint of ``step`` was the latest."""
+    import shutil
+
+    (dst / "checkpoints").mkdir(parents=True)
+    name = f"step-{step:07d}"
+    shutil.copytree(src / "checkpoints" / name, dst / "checkpoints" / name)
+    shutil.copy(src / "metrics.jsonl", dst / "metrics.jsonl")
+
+
+@pytest.mark.slow
+def test_fsdp_matches_ddp_and_its_checkpoints_resume_either_way(latents, tmp_path):
+    """train.fsdp=true on 2 CPU processes (gloo): the losses and weights of 1 unsharded process, with
+    gradient accumulation; its checkpoints resume unsharded and an unsharded checkpoint resumes sharded."""
+    from latentdit.io import load_safetensors
+
+    cfg = write_yaml_cfg(tmp_path / "c.yaml", latents, global_batch_size=8, max_steps=4, ckpt_every=2,
+                         grad_clip=1.0)
+    sharded = tmp_path / "sharded"
+    _launch_two(["--config", str(cfg), f"train.run_dir={sharded}", "train.fsdp=true", "train.grad_accum=2"])
+    plain = tmp_path / "plain"
+    _run_tool(["--config", str(cfg), f"train.run_dir={plain}"])
+    a, b = losses(plain), losses(sharded)
+    assert list(a) == list(b) == [1, 2, 3, 4]
+    for s in a:
+        assert b[s] == pytest.approx(a[s], rel=1e-5), f"step {s}"
+
+    def weights(run: Path, step: int = 4) -> dict[str, dict[str, torch.Tensor]]:
+        ck = run / "checkpoints" / f"step-{step:07d}"
+        return {f: load_safetensors(ck / f)[0] for f in ("model.safetensors", "ema.safetensors")}
+
+    def assert_same_weights(x: Path, y: Path) -> None:
+        wx, wy = weights(x), weights(y)
+        for f in wx:
+            assert wx[f].keys() == wy[f].keys()
+            for k in wx[f]:
+                torch.testing.assert_close(wx[f][k], wy[f][k], rtol=1e-4, atol=1e-5, msg=f"{f} {k}")
+
+    assert_same_weights(plain, sharded)
+    ck = sharded / "checkpoints" / "step-0000004"
+    assert (ck / "rng-rank1.pt").is_file()
+    opt_plain = torch.load(plain / "checkpoints" / "step-0000004" / "optimizer.pt", weights_only=True)
+    opt_sharded = torch.load(ck / "optimizer.pt", weights_only=True)
+    assert opt_sharded["state"].keys() == opt_plain["state"].keys()  # one format: keyed by parameter position
+
+    # a sharded checkpoint resumed by one unsharded process, and an unsharded one resumed sharded
+    unsharded_resume = tmp_path / "unsharded-resume"
+    _copy_run_up_to(sharded, unsharded_resume, 2)
+    _run_tool(["--config", str(cfg), f"train.run_dir={unsharded_resume}", "--resume", "auto"])
+    sharded_resume = tmp_path / "sharded-resume"
+    _copy_run_up_to(plain, sharded_resume, 2)
+    _launch_two(["--config", str(cfg), f"train.run_dir={sharded_resume}", "train.fsdp=true", "--resume", "auto"])
+    for run in (unsharded_resume, sharded_resume):
+        c = losses(run)
+        assert list(c) == [1, 2, 3, 4]
+        for s in a:
+            assert c[s] == pytest.approx(a[s], rel=1e-5), f"{run.name} step {s}"
+        assert_same_weights(plain, run)
+
+
+@pytest.mark.slow
+def test_fsdp_sample_grid_gathers_the_ema(vae_latents, tmp_path):
+    """Periodic sample grids of a sharded run: the EMA is gathered from both processes and decoded
+    through the run's VAE, giving the grid of an unsharded run."""
+    import numpy as np
+    from PIL import Image
+
+    cfg = write_yaml_cfg(tmp_path / "c.yaml", vae_latents, global_batch_size=8, max_steps=2, ckpt_every=2)
+    sharded, plain = tmp_path / "sharded", tmp_path / "plain"
+    _launch_two(["--config", str(cfg), f"train.run_dir={sharded}", "train.fsdp=true", *GRID])
+    _run_tool(["--config", str(cfg), f"train.run_dir={plain}", *GRID])
+    a, b = (np.asarray(Image.open(r / "samples" / "step-0000002.png"), dtype=np.float64) for r in (plain, sharded))
+    assert a.shape == b.shape and np.abs(a - b).mean() < 1.0  # 8-bit pixels, same up to float rounding

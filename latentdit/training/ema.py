@@ -3,6 +3,10 @@
 Only parameters with ``requires_grad`` are averaged; frozen parameters (the DiT's fixed sin-cos
 position embedding) and buffers are copied from the live model when the EMA weights are exported,
 so an exported state dict is a complete model state dict.
+
+With a sharded model (``train.fsdp``) every shadow is a shard like its parameter, the update stays
+local, and :meth:`EMA.state_dict` / :meth:`EMA.load_state_dict` gather and cut whole tensors: all
+processes call them.
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ import torch
 from torch import nn
 
 from latentdit.errors import LatentDiTError
+from latentdit.training.sharding import full_tensor, like_shard
 
 
 def warmup_decay(decay: float, num_updates: int) -> float:
@@ -47,10 +52,12 @@ class EMA:
         torch._foreach_lerp_(shadow, current, 1.0 - d)
 
     def state_dict(self, model: nn.Module) -> dict[str, torch.Tensor]:
-        """A full model state dict with the averaged weights in place of the trainable ones."""
+        """A full model state dict with the averaged weights in place of the trainable ones (whole
+        tensors, also for a sharded model)."""
         out = {}
         for name, value in model.state_dict().items():
-            out[name] = self.shadow[name].to(value.dtype) if name in self.shadow else value.detach()
+            source = self.shadow[name] if name in self.shadow else value.detach()
+            out[name] = full_tensor(source).to(value.dtype)
         return out
 
     def load_state_dict(self, state: Mapping[str, torch.Tensor], source: str = "EMA weights") -> None:
@@ -62,14 +69,7 @@ class EMA:
             if state[n].shape != self.shadow[n].shape:
                 raise LatentDiTError(f"{source}: '{n}' has shape {tuple(state[n].shape)}, "
                                      f"expected {tuple(self.shadow[n].shape)}")
-            self.shadow[n].copy_(state[n].to(torch.float32))
-
-    def copy_to(self, model: nn.Module) -> None:
-        """Write the averaged weights into ``model`` (e.g. a separate copy used for sampling)."""
-        params = dict(model.named_parameters())
-        with torch.no_grad():
-            for n in self.names:
-                params[n].copy_(self.shadow[n].to(params[n].dtype))
+            self.shadow[n].copy_(like_shard(state[n].to(torch.float32), self.shadow[n]))
 
     def to(self, device: torch.device | str) -> "EMA":
         self.shadow = {n: t.to(device) for n, t in self.shadow.items()}

@@ -1,4 +1,4 @@
-"""The DiT training loop: accelerate (DDP, mixed precision), AdamW, EMA, checkpoints, logging.
+"""The DiT training loop: accelerate (DDP, mixed precision) or FSDP2 sharding, AdamW, EMA, checkpoints, logging.
 
 One call to :func:`train` runs (or resumes) a run directory::
 
@@ -34,6 +34,7 @@ from latentdit.training.checkpoint import (
 )
 from latentdit.training.data import BatchLayout, EpochIndexed, StepBatchSampler, StepRandomness, seed_for
 from latentdit.training.ema import EMA, warmup_decay
+from latentdit.training import sharding
 
 METRICS_FILE = "metrics.jsonl"
 CONFIG_FILE = "config.yaml"
@@ -194,7 +195,7 @@ class _SampleGrid:
         self.model = None
         self.vae = None
 
-    def __call__(self, ema: EMA, step: int, path: Path) -> Path:
+    def __call__(self, ema_state: dict[str, torch.Tensor], step: int, path: Path) -> Path:
         from latentdit.autoencoder import VAE
         from latentdit.diffusion import create_diffusion, ddpm_sample
         from latentdit.models import DiT
@@ -206,7 +207,7 @@ class _SampleGrid:
             self.model = DiT(**dict(self.model_config, grad_checkpointing=False)).to(self.device).eval()
         if self.vae is None:
             self.vae = VAE.load(ds.vae, device=self.device)
-        ema.copy_to(self.model)
+        self.model.load_state_dict(ema_state)
         k = min(cfg.train.sample_num_classes, ds.num_classes)
         classes = sorted({round(i * (ds.num_classes - 1) / max(1, k - 1)) for i in range(k)})
         seeds = cfg.train.sample_num_seeds
@@ -243,9 +244,10 @@ def train(cfg: Config, resume: str | None = None, *, loss_hook: LossHook | None 
     # Several processes without CUDA (e.g. `accelerate launch --multi_gpu --num_processes 2` on a CPU
     # machine): accelerate sets up gloo (MULTI_CPU) only when asked for the CPU explicitly.
     multi_cpu = not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1
+    sharded = t_cfg.fsdp  # FSDP2 applied here (mixed precision through its policy), not by accelerate
     accelerator = Accelerator(
         cpu=multi_cpu,
-        mixed_precision=t_cfg.mixed_precision,
+        mixed_precision="no" if sharded else t_cfg.mixed_precision,
         log_with="tensorboard" if t_cfg.tensorboard else None,
         project_dir=str(cfg.resolved_run_dir()),
         step_scheduler_with_optimizer=False,
@@ -257,11 +259,15 @@ def train(cfg: Config, resume: str | None = None, *, loss_hook: LossHook | None 
     if accelerator.distributed_type not in (DistributedType.NO, DistributedType.MULTI_CPU,
                                             DistributedType.MULTI_GPU):
         raise LatentDiTError(
-            f"accelerate distributed type {accelerator.distributed_type.value}: this trainer's EMA and checkpoints "
-            "support single-process and DDP runs (accelerate launch --multi_gpu); FSDP/DeepSpeed sharding is not "
-            "supported yet (see configs/accelerate/fsdp_8gpu.yaml)")
+            f"accelerate distributed type {accelerator.distributed_type.value} is not supported: launch with "
+            "`accelerate launch --multi_gpu` (DDP), and add train.fsdp=true to shard parameters, gradients and "
+            "optimizer state across the processes (FSDP2, applied by this trainer)")
 
     # ---- checks: nothing is written before all of them pass -------------------------------------
+    if sharded and world == 1:
+        raise LatentDiTError("train.fsdp=true shards the model across processes, but this is a single process: "
+                             "launch with `accelerate launch --multi_gpu --num_processes N` (N >= 2), or drop "
+                             "train.fsdp")
     layout = BatchLayout(t_cfg.global_batch_size, world, t_cfg.grad_accum, rank)
     check_batch_layout(t_cfg.global_batch_size, world, t_cfg.grad_accum)
     dataset = open_latents(cfg)
@@ -311,6 +317,8 @@ def train(cfg: Config, resume: str | None = None, *, loss_hook: LossHook | None 
         tensors, _ = load_safetensors(ckpt / MODEL_FILE)
         model.load_state_dict(tensors, strict=True)
     model.to(device).train()
+    if sharded:
+        sharding.shard_dit(model, torch.bfloat16 if t_cfg.mixed_precision == "bf16" else None)
     optimizer = build_optimizer(model, t_cfg, device)
     warmup = t_cfg.warmup_steps
     scheduler = torch.optim.lr_scheduler.LambdaLR(
@@ -319,7 +327,11 @@ def train(cfg: Config, resume: str | None = None, *, loss_hook: LossHook | None 
     if ckpt is not None:
         ema_tensors, _ = load_safetensors(ckpt / EMA_FILE)
         ema.load_state_dict(ema_tensors, str(ckpt / EMA_FILE))
-        optimizer.load_state_dict(torch_load(ckpt / OPTIMIZER_FILE, "optimizer state"))
+        opt_state = torch_load(ckpt / OPTIMIZER_FILE, "optimizer state")
+        if sharded:
+            sharding.load_optimizer_state(model, optimizer, opt_state, str(ckpt / OPTIMIZER_FILE))
+        else:
+            optimizer.load_state_dict(opt_state)
         scheduler.load_state_dict(torch_load(ckpt / SCHEDULER_FILE, "LR scheduler state"))
         rng_path = ckpt / rng_file(rank)
         if rng_path.is_file():
@@ -327,7 +339,8 @@ def train(cfg: Config, resume: str | None = None, *, loss_hook: LossHook | None 
     else:
         torch.manual_seed(seed_for("latentdit-process", t_cfg.seed, rank))
     raw_model = model
-    model, optimizer = accelerator.prepare(model, optimizer)
+    if not sharded:
+        model, optimizer = accelerator.prepare(model, optimizer)
     forward_model = torch.compile(model) if t_cfg.compile else model
     has_null = cfg.model.class_dropout_prob > 0
 
@@ -361,14 +374,19 @@ def train(cfg: Config, resume: str | None = None, *, loss_hook: LossHook | None 
         accelerator.wait_for_everyone()
         tmp = ckpts.tmp_path(step)
         torch_save(rng_state(), tmp / rng_file(rank))
-        model_sd = accelerator.get_state_dict(model)
+        if sharded:
+            model_sd = sharding.full_model_state(model, keep=is_main)
+            opt_sd = sharding.full_optimizer_state(model, optimizer, keep=is_main)
+        else:
+            model_sd, opt_sd = accelerator.get_state_dict(model), optimizer.state_dict()
+        ema_sd = ema.state_dict(raw_model)
         if is_main:
             meta = dict(class_names=dataset.class_names, vae=dataset.vae,
                         diffusion={"noise_schedule": cfg.diffusion.noise_schedule,
                                    "diffusion_steps": cfg.diffusion.diffusion_steps})
             save_weights(model_sd, tmp / MODEL_FILE, model_config, **meta)
-            save_weights(ema.state_dict(raw_model), tmp / EMA_FILE, model_config, **meta)
-            torch_save(optimizer.state_dict(), tmp / OPTIMIZER_FILE)
+            save_weights(ema_sd, tmp / EMA_FILE, model_config, **meta)
+            torch_save(opt_sd, tmp / OPTIMIZER_FILE)
             torch_save(scheduler.state_dict(), tmp / SCHEDULER_FILE)
         accelerator.wait_for_everyone()
         final = None
@@ -407,7 +425,9 @@ def train(cfg: Config, resume: str | None = None, *, loss_hook: LossHook | None 
                 x0 = x0.to(device, non_blocking=True)
                 y = y.to(device, non_blocking=True)
                 sync = a == t_cfg.grad_accum - 1
-                with contextlib.nullcontext() if sync else accelerator.no_sync(model):
+                if sharded:
+                    sharding.set_gradient_sync(model, sync)
+                with contextlib.nullcontext() if sync or sharded else accelerator.no_sync(model):
                     loss = diffusion_loss(diffusion, forward_model, x0, y, rand.slice(layout.rows(a)), has_null)
                     if loss_hook is not None:
                         loss = loss_hook(step + 1, loss)
@@ -417,8 +437,8 @@ def train(cfg: Config, resume: str | None = None, *, loss_hook: LossHook | None 
             log_now = step % t_cfg.log_every == 0 or step == t_cfg.max_steps
             grad_norm = None
             if t_cfg.grad_clip > 0 or log_now:  # max_norm=inf only measures (scales by exactly 1)
-                grad_norm = accelerator.clip_grad_norm_(model.parameters(),
-                                                        t_cfg.grad_clip if t_cfg.grad_clip > 0 else math.inf)
+                grad_norm = sharding.full_tensor(accelerator.clip_grad_norm_(
+                    model.parameters(), t_cfg.grad_clip if t_cfg.grad_clip > 0 else math.inf))
             lr_used = optimizer.param_groups[0]["lr"]
             optimizer.step()
             if not accelerator.optimizer_step_was_skipped:
@@ -466,8 +486,9 @@ def train(cfg: Config, resume: str | None = None, *, loss_hook: LossHook | None 
             if step % t_cfg.ckpt_every == 0 or step == t_cfg.max_steps or out_of_time:
                 last_ckpt = save_checkpoint(step)
             if sampler_grid is not None and step % t_cfg.sample_every == 0:
+                ema_sd = ema.state_dict(raw_model)  # gathers when sharded: every process takes part
                 if is_main:
-                    path = sampler_grid(ema, step, run_dir / "samples" / f"step-{step:07d}.png")
+                    path = sampler_grid(ema_sd, step, run_dir / "samples" / f"step-{step:07d}.png")
                     progress.write(f"step {step}: sample grid {path}")
                 accelerator.wait_for_everyone()
             if out_of_time:
