@@ -31,6 +31,12 @@ BUNDLED_VAE_CARD_JSON = "model_card.json"
 
 _WEIGHT_FILES = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin")
 
+#: On a CPU, one encoder/decoder call covers at most this many image pixels (at least one image):
+#: the convolutions run fastest while a call's activations stay in cache. Measured on a 2-core x86
+#: CPU with the bundled VAE: 256² images encode at 15 img/s one per call vs 8.7 img/s 32 per call,
+#: 64² images at 205 img/s 8 per call vs 128 img/s 256 per call; decoding behaves alike.
+CPU_PIXELS_PER_CALL = 32768
+
 
 def bundled_vae_path() -> Path:
     """The folder of the bundled VAE inside the installed package."""
@@ -175,9 +181,13 @@ class VAE:
     def encode_moments(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Posterior ``(mean, std)`` (unscaled, float32, on the VAE's device) of images in ``[-1, 1]``."""
         self._check_images(images)
-        x = images.to(device=self.device, dtype=self.dtype).contiguous(memory_format=torch.channels_last)
-        posterior = self.model.encode(x).latent_dist
-        return posterior.mean.float(), posterior.std.float()
+        means, stds = [], []
+        for chunk in self._calls(images, images.shape[-2] * images.shape[-1]):
+            x = chunk.to(device=self.device, dtype=self.dtype).contiguous(memory_format=torch.channels_last)
+            posterior = self.model.encode(x).latent_dist
+            means.append(posterior.mean.float())
+            stds.append(posterior.std.float())
+        return torch.cat(means), torch.cat(stds)
 
     @torch.no_grad()
     def decode(self, scaled_latents: torch.Tensor) -> torch.Tensor:
@@ -185,9 +195,19 @@ class VAE:
         if scaled_latents.ndim != 4 or scaled_latents.shape[1] != self.latent_channels:
             raise LatentDiTError(f"latents must be shaped [N, {self.latent_channels}, h, w], "
                                  f"got {tuple(scaled_latents.shape)}")
-        z = (scaled_latents.to(device=self.device, dtype=self.dtype) / self.scaling_factor).contiguous(
-            memory_format=torch.channels_last)
-        return self.model.decode(z).sample.float().clamp(-1.0, 1.0)
+        pixels = scaled_latents.shape[-2] * scaled_latents.shape[-1] * self.downsample_factor ** 2
+        images = []
+        for chunk in self._calls(scaled_latents, pixels):
+            z = (chunk.to(device=self.device, dtype=self.dtype) / self.scaling_factor).contiguous(
+                memory_format=torch.channels_last)
+            images.append(self.model.decode(z).sample.float().clamp(-1.0, 1.0))
+        return torch.cat(images)
+
+    def _calls(self, batch: torch.Tensor, pixels_per_image: int) -> tuple[torch.Tensor, ...]:
+        """The batch as one model call (GPU), or split by :data:`CPU_PIXELS_PER_CALL` (CPU)."""
+        if self.device.type != "cpu":
+            return (batch,)
+        return batch.split(max(1, CPU_PIXELS_PER_CALL // pixels_per_image))
 
     def encode_moments_batched(self, images: torch.Tensor, batch_size: int = 64,
                                progress: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
