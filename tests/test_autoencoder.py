@@ -81,6 +81,26 @@ def test_moments_and_decode_match_autoencoderkl(tiny_dir):
     torch.testing.assert_close(vae.reconstruct(x, batch_size=2), expected, rtol=1e-5, atol=1e-5)
 
 
+def test_cpu_calls_split_by_pixels_keep_order(tiny_dir, monkeypatch):
+    import latentdit.autoencoder as autoencoder
+
+    vae = VAE.load(tiny_dir)
+    x = images(n=5)
+    whole_mean, whole_std = vae.encode_moments(x)
+    whole_images = vae.decode(whole_mean)
+    calls = []
+    encode, decode = vae.model.encode, vae.model.decode
+    monkeypatch.setattr(vae.model, "encode", lambda t: calls.append(("enc", len(t))) or encode(t))
+    monkeypatch.setattr(vae.model, "decode", lambda t: calls.append(("dec", len(t))) or decode(t))
+    monkeypatch.setattr(autoencoder, "CPU_PIXELS_PER_CALL", 2 * 16 * 16)  # two 16x16 images per call
+    mean, std = vae.encode_moments(x)
+    decoded = vae.decode(whole_mean)
+    assert calls == [("enc", 2), ("enc", 2), ("enc", 1), ("dec", 2), ("dec", 2), ("dec", 1)]
+    torch.testing.assert_close(mean, whole_mean, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(std, whole_std, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(decoded, whole_images, rtol=1e-5, atol=1e-6)
+
+
 def test_scaling_factor_comes_from_config(tiny_dir):
     x = images()
     before = VAE.load(tiny_dir)
