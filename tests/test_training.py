@@ -93,6 +93,14 @@ def losses(run_dir: Path) -> dict[int, float]:
     return out
 
 
+def assert_same_losses(expected: Path, got: Path, steps: int, rel: float = 1e-5, abs: float = 0.0) -> None:
+    """The metrics of run ``got`` log the losses of run ``expected``, for steps 1..``steps``."""
+    a, b = losses(expected), losses(got)
+    assert list(a) == list(b) == list(range(1, steps + 1)), (list(a), list(b))
+    for s in a:
+        assert b[s] == pytest.approx(a[s], rel=rel, abs=abs), f"{got.name}: step {s}"
+
+
 def tree_bytes(path: Path) -> dict[str, bytes]:
     return {str(p.relative_to(path)): p.read_bytes() for p in sorted(path.rglob("*")) if p.is_file()}
 
@@ -307,15 +315,10 @@ def test_in_process_resume_is_exact_and_grad_accum_matches(latents, tmp_path):
     train(make_cfg(latents, part, "train.max_steps=3", "train.ckpt_every=3"))
     result = train(make_cfg(latents, part, "train.max_steps=6", "train.ckpt_every=3"), resume="auto")
     assert result.step == 6
-    a, b = losses(full), losses(part)
-    assert list(b) == [1, 2, 3, 4, 5, 6]
-    for s in a:
-        assert b[s] == pytest.approx(a[s], rel=1e-6, abs=1e-7), s
+    assert_same_losses(full, part, 6, rel=1e-6, abs=1e-7)
     accum = tmp_path / "accum"
     train(make_cfg(latents, accum, "train.max_steps=6", "train.grad_accum=2"))
-    c = losses(accum)
-    for s in a:
-        assert c[s] == pytest.approx(a[s], rel=1e-5), s
+    assert_same_losses(full, accum, 6)
 
 
 def test_existing_run_needs_resume_flag(latents, tmp_path):
@@ -450,10 +453,8 @@ def test_sigkill_then_resume_auto_repeats_the_uninterrupted_losses(latents, tmp_
     _run_tool(["--config", str(cfg), f"train.run_dir={killed}", f"train.max_steps={target}", "--resume", "auto"])
     full = tmp_path / "full"
     _run_tool(["--config", str(cfg), f"train.run_dir={full}", f"train.max_steps={target}"])
-    a, b = losses(full), losses(killed)
-    assert list(a) == list(range(1, target + 1)) and list(b) == list(range(1, target + 1))
-    for s in a:
-        assert b[s] == pytest.approx(a[s], rel=1e-6, abs=1e-7), f"step {s}"
+    assert_same_losses(full, killed, target, rel=1e-6, abs=1e-7)
+    a = losses(full)
     # what the killed process had logged before the kill matches as well
     for s, v in logged_before.items():
         if s <= target:
@@ -466,32 +467,25 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.mark.slow
-def test_two_processes_give_the_same_losses_as_one_with_twice_the_batch(latents, tmp_path):
-    cfg = write_yaml_cfg(tmp_path / "c.yaml", latents, global_batch_size=8, max_steps=4, ckpt_every=2)
-    two = tmp_path / "two"
-    cmd = [PY, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-           "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(_free_port()),
-           str(TRAIN_TOOL), "--config", str(cfg), f"train.run_dir={two}"]
-    proc = subprocess.run(cmd, env=subprocess_env(), capture_output=True, text=True, timeout=180)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    one = tmp_path / "one"
-    _run_tool(["--config", str(cfg), f"train.run_dir={one}"])
-    a, b = losses(one), losses(two)
-    assert list(a) == list(b) == [1, 2, 3, 4]
-    for s in a:
-        assert b[s] == pytest.approx(a[s], rel=1e-5), f"step {s}"
-    ck = two / "checkpoints" / "step-0000004"
-    assert (ck / "rng-rank0.pt").is_file() and (ck / "rng-rank1.pt").is_file()
-    assert json.loads((ck / "state.json").read_text())["num_processes"] == 2
-
-
 def _launch_two(args: list[str], timeout: float = 240) -> None:
     cmd = [PY, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
            "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(_free_port()),
            str(TRAIN_TOOL), *args]
     proc = subprocess.run(cmd, env=subprocess_env(), capture_output=True, text=True, timeout=timeout)
     assert proc.returncode == 0, proc.stderr[-4000:]
+
+
+@pytest.mark.slow
+def test_two_processes_give_the_same_losses_as_one_with_twice_the_batch(latents, tmp_path):
+    cfg = write_yaml_cfg(tmp_path / "c.yaml", latents, global_batch_size=8, max_steps=4, ckpt_every=2)
+    two = tmp_path / "two"
+    _launch_two(["--config", str(cfg), f"train.run_dir={two}"])
+    one = tmp_path / "one"
+    _run_tool(["--config", str(cfg), f"train.run_dir={one}"])
+    assert_same_losses(one, two, 4)
+    ck = two / "checkpoints" / "step-0000004"
+    assert (ck / "rng-rank0.pt").is_file() and (ck / "rng-rank1.pt").is_file()
+    assert json.loads((ck / "state.json").read_text())["num_processes"] == 2
 
 
 def _copy_run_up_to(src: Path, dst: Path, step: int) -> None:
@@ -516,10 +510,7 @@ def test_fsdp_matches_ddp_and_its_checkpoints_resume_either_way(latents, tmp_pat
     _launch_two(["--config", str(cfg), f"train.run_dir={sharded}", "train.fsdp=true", "train.grad_accum=2"])
     plain = tmp_path / "plain"
     _run_tool(["--config", str(cfg), f"train.run_dir={plain}"])
-    a, b = losses(plain), losses(sharded)
-    assert list(a) == list(b) == [1, 2, 3, 4]
-    for s in a:
-        assert b[s] == pytest.approx(a[s], rel=1e-5), f"step {s}"
+    assert_same_losses(plain, sharded, 4)
 
     def weights(run: Path, step: int = 4) -> dict[str, dict[str, torch.Tensor]]:
         ck = run / "checkpoints" / f"step-{step:07d}"
@@ -547,10 +538,7 @@ def test_fsdp_matches_ddp_and_its_checkpoints_resume_either_way(latents, tmp_pat
     _copy_run_up_to(plain, sharded_resume, 2)
     _launch_two(["--config", str(cfg), f"train.run_dir={sharded_resume}", "train.fsdp=true", "--resume", "auto"])
     for run in (unsharded_resume, sharded_resume):
-        c = losses(run)
-        assert list(c) == [1, 2, 3, 4]
-        for s in a:
-            assert c[s] == pytest.approx(a[s], rel=1e-5), f"{run.name} step {s}"
+        assert_same_losses(plain, run, 4)
         assert_same_weights(plain, run)
 
 
