@@ -33,9 +33,10 @@ _WEIGHT_FILES = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model
 
 #: On a CPU, one encoder/decoder call covers at most this many image pixels (at least one image):
 #: the convolutions run fastest while a call's activations stay in cache. Measured on a 2-core x86
-#: CPU with the bundled VAE: 256² images encode at 15 img/s one per call vs 8.7 img/s 32 per call,
-#: 64² images at 205 img/s 8 per call vs 128 img/s 256 per call; decoding behaves alike.
-CPU_PIXELS_PER_CALL = 32768
+#: CPU with the bundled VAE: 256² images encode at 15 img/s one per call vs 8.7 img/s 32 per call;
+#: 64² images at 230 img/s 16 per call vs 164 img/s 32 per call alone, about even inside
+#: tools/extract.py (where a DataLoader worker shares the cores and every extra call costs more).
+CPU_PIXELS_PER_CALL = 65536
 
 
 def bundled_vae_path() -> Path:
