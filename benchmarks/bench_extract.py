@@ -37,6 +37,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from timing import matmul_peak
+
 
 def make_images(folder: Path, count: int, seed: int = 0) -> Path:
     """``count`` smooth random RGB PNGs (320×288) in one class folder."""
@@ -92,21 +94,6 @@ def encoder_flops(vae: Any, image_size: int) -> float:
     with torch.no_grad(), sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
         vae.encode_moments(x)
     return float(counter.get_total_flops())
-
-
-def matmul_peak(device: torch.device, n: int = 4096, reps: int = 5) -> float:
-    """Best fp32 FLOP/s of an n×n @ n×n matmul."""
-    a, b = torch.randn(n, n, device=device), torch.randn(n, n, device=device)
-    best = float("inf")
-    for _ in range(reps + 1):
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        t0 = time.perf_counter()
-        a @ b
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        best = min(best, time.perf_counter() - t0)
-    return 2 * n ** 3 / best
 
 
 def ours(vae: Any, folder: Path, out: Path, image_size: int, batch_size: int, num_workers: int, flip: bool) -> float:

@@ -16,7 +16,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from latentdit.cli import finite_float, make_parser, positive_int, run_main
+from latentdit.cli import finite_float, make_parser, non_negative_float, positive_int, run_main
 from latentdit.pipeline import Demo, DemoSettings
 
 
@@ -24,7 +24,7 @@ def main(argv=None) -> int:
     p = make_parser(__doc__.split("\n\n")[0])
     p.add_argument("--out", type=Path, default=Path("bench_quality"))
     p.add_argument("--budgets", type=finite_float, nargs="+", default=[2.0, 5.0, 15.0], help="training minutes")
-    p.add_argument("--cfg-scales", type=finite_float, nargs="+", default=[1.0, 3.0])
+    p.add_argument("--cfg-scales", type=non_negative_float, nargs="+", default=[1.0, 3.0])
     p.add_argument("--fid-samples", type=positive_int, default=DemoSettings.fid_samples)
     p.add_argument("--reference-samples", type=positive_int, default=DemoSettings.reference_samples)
     p.add_argument("--extract-limit", type=positive_int, default=DemoSettings.extract_limit)

@@ -21,6 +21,7 @@ import torch
 from latentdit import sampling as S
 from latentdit.cli import existing_path, make_parser, non_negative_float, non_negative_int, positive_int, run_main
 from latentdit.errors import LatentDiTError
+from timing import sync
 
 DEFAULT_SAMPLERS = "ddpm-250,ddim-50,dpm-solver-25"
 
@@ -59,11 +60,6 @@ def build_parser():
     return p
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def _random_checkpoint(device: torch.device) -> S.SamplingCheckpoint:
     from latentdit.models.registry import create_dit
 
@@ -74,11 +70,11 @@ def _random_checkpoint(device: torch.device) -> S.SamplingCheckpoint:
 
 def _time_sampling(ckpt: S.SamplingCheckpoint, labels: list[int], *, seed: int, batch_size: int,
                    device: torch.device, **kw: Any) -> tuple[torch.Tensor, float]:
-    _sync(device)
+    sync(device)
     t0 = time.perf_counter()
     latents = S.sample_seeded(ckpt.model, labels, seed=seed, batch_size=batch_size, device=device,
                               noise_schedule=ckpt.noise_schedule, diffusion_steps=ckpt.diffusion_steps, **kw)
-    _sync(device)
+    sync(device)
     return latents, time.perf_counter() - t0
 
 
@@ -117,13 +113,11 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     vae = None
     if args.fid_ref is not None:
-        from latentdit.metrics import FeatureExtractor, compute_metrics, default_cache_dir, open_source
-        from latentdit.metrics.features import source_stats
+        from latentdit.metrics import compute_metrics, load_source
 
         vae = S.load_vae_for(ckpt, args.vae, device=device)
         # reference features once (cached on disk), reused for every sampler
-        ref_stats = source_stats(open_source(args.fid_ref),
-                                 FeatureExtractor(device=device, cache_dir=default_cache_dir()), need_features=True)
+        ref_stats = load_source(args.fid_ref, need_features=True, device=device)
 
     rows = []
     for name, steps in specs:

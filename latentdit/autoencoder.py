@@ -11,7 +11,6 @@ else: ``encode_moments`` returns *unscaled* posterior moments, ``decode`` takes 
 
 from __future__ import annotations
 
-import math
 import os
 from importlib import resources
 from pathlib import Path
@@ -264,9 +263,14 @@ def psnr(images: torch.Tensor, references: torch.Tensor) -> torch.Tensor:
     return 10.0 * torch.log10(4.0 / mse.clamp_min(1e-12))
 
 
+def reconstruction_psnrs(vae: VAE, images: torch.Tensor, batch_size: int = 64) -> torch.Tensor:
+    """Per-image PSNR (dB) of ``vae``'s mean reconstruction of each image."""
+    values = psnr(vae.reconstruct(images, batch_size), images.cpu())
+    if not bool(torch.isfinite(values).all()):
+        raise LatentDiTError("reconstruction PSNR is not finite; the VAE produced NaN/inf")
+    return values
+
+
 def reconstruction_psnr(vae: VAE, images: torch.Tensor, batch_size: int = 64) -> float:
     """Mean over images of the per-image PSNR (dB) of ``vae``'s mean reconstruction."""
-    value = float(psnr(vae.reconstruct(images, batch_size), images.cpu()).mean())
-    if not math.isfinite(value):
-        raise LatentDiTError("reconstruction PSNR is not finite; the VAE produced NaN/inf")
-    return value
+    return float(reconstruction_psnrs(vae, images, batch_size).mean())

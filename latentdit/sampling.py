@@ -34,7 +34,7 @@ SAMPLERS = ("ddpm", "ddim", "dpm-solver")
 DEFAULT_NUM_STEPS = {"ddpm": 250, "ddim": 50, "dpm-solver": 25}
 
 from latentdit.models.checkpoint import META_CLASS_NAMES, META_DIFFUSION, META_VAE
-from latentdit.models.checkpoint import METADATA_KEY as META_MODEL
+from latentdit.models.checkpoint import METADATA_KEY as META_MODEL  # noqa: F401 (the key's name here)
 
 _PREFERRED_WEIGHTS = ("ema.safetensors", "model.safetensors")
 _STEP_DIR = re.compile(r"^step-(\d+)$")
@@ -432,10 +432,9 @@ def decode_images(vae, latents: torch.Tensor, batch_size: int = 32) -> torch.Ten
     """Scaled latents → images in [-1, 1] (float32 NCHW, CPU) via ``vae.decode`` (which undoes the scaling)."""
     if latents.shape[1] != vae.latent_channels:
         raise LatentDiTError(f"latents have {latents.shape[1]} channels but the VAE expects {vae.latent_channels}")
-    out = [vae.decode(latents[s:s + batch_size]).float().cpu() for s in range(0, latents.shape[0], batch_size)]
-    if not out:
+    if latents.shape[0] == 0:
         raise LatentDiTError("no latents to decode")
-    return torch.cat(out)
+    return vae.decode_batched(latents, batch_size)
 
 
 def decode_to_uint8(vae, latents: torch.Tensor, batch_size: int = 32) -> np.ndarray:
@@ -638,6 +637,7 @@ def gather_chunks(chunk_dir: str | Path, num_samples: int, chunk_size: int, out_
         with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_STORED, allowZip64=True) as zf:
             with zf.open("arr_0.npy", "w", force_zip64=True) as f:
                 f.write(_npy_header((num_samples, *image_shape), np.uint8))
+                chunk_labels = []
                 for k in range(total):
                     images, labels = read_chunk(chunk_path(chunk_dir, k))
                     expect = len(chunk_range(k, num_samples, chunk_size))
@@ -645,7 +645,8 @@ def gather_chunks(chunk_dir: str | Path, num_samples: int, chunk_size: int, out_
                         raise LatentDiTError(f"chunk {chunk_path(chunk_dir, k)} holds {images.shape} {images.dtype}, "
                                              f"expected {(expect, *image_shape)} uint8")
                     f.write(np.ascontiguousarray(images).tobytes())
-            all_labels = np.concatenate([read_chunk(chunk_path(chunk_dir, k))[1] for k in range(total)])
+                    chunk_labels.append(labels)
+            all_labels = np.concatenate(chunk_labels)
             with zf.open("arr_1.npy", "w", force_zip64=True) as f:
                 f.write(_npy_header(all_labels.shape, np.int64))
                 f.write(all_labels.astype(np.int64).tobytes())

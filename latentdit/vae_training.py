@@ -471,13 +471,13 @@ def train_vae(cfg: VAETrainConfig, out: Path, *, resume: bool = False, max_minut
     vae_dir = out / "vae"
     model.save_pretrained(str(vae_dir), safe_serialization=True)
 
-    from latentdit.autoencoder import VAE, reconstruction_psnr
+    from latentdit.autoencoder import VAE, reconstruction_psnrs
     from latentdit.io import sha256_file
 
     vae = VAE.load(vae_dir)
     test_images = to_model_range(test_u8)
-    psnr_all = reconstruction_psnr(vae, test_images)
-    psnr_check = reconstruction_psnr(vae, test_images[:cfg.psnr_check_images])
+    per_image = reconstruction_psnrs(vae, test_images)  # the check subset is its first images
+    psnr_all, psnr_check = float(per_image.mean()), float(per_image[:cfg.psnr_check_images].mean())
     weights = vae_dir / "diffusion_pytorch_model.safetensors"
     facts = {
         "name": "latentdit/kl-f8-fashion-mnist",

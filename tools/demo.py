@@ -9,8 +9,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from latentdit.cli import finite_float, make_parser, non_negative_float, positive_int, run_main
+from latentdit.cli import make_parser, non_negative_float, positive_int, run_main
 from latentdit.pipeline import STAGES, Demo, DemoSettings
+from latentdit.sampling import SAMPLERS
 
 
 def main(argv=None) -> int:
@@ -26,18 +27,15 @@ def main(argv=None) -> int:
                    help="generated images per guidance scale for FID/KID")
     p.add_argument("--reference-samples", type=positive_int, default=DemoSettings.reference_samples,
                    help="held-out test images for FID/KID")
-    p.add_argument("--cfg-scales", type=finite_float, nargs="+", default=list(DemoSettings.cfg_scales),
+    p.add_argument("--cfg-scales", type=non_negative_float, nargs="+", default=list(DemoSettings.cfg_scales),
                    help="guidance scales to evaluate")
     p.add_argument("--grid-cfg-scale", type=non_negative_float, default=DemoSettings.grid_cfg_scale)
-    p.add_argument("--sampler", choices=("ddpm", "ddim", "dpm-solver"), default=DemoSettings.sampler)
+    p.add_argument("--sampler", choices=SAMPLERS, default=DemoSettings.sampler)
     p.add_argument("--num-steps", type=positive_int, default=DemoSettings.num_steps)
     p.add_argument("--seed", type=int, default=DemoSettings.seed)
     p.add_argument("train_overrides", nargs="*", metavar="section.field=value",
                    help="extra overrides for configs/fashion_mnist.yaml, e.g. model.name=DiT-T/4")
     args = p.parse_args(argv)
-    for s in args.cfg_scales:
-        if s < 0:
-            p.error(f"--cfg-scales: expected numbers ≥ 0, got {s:g}")
     settings = DemoSettings(out=args.out, extract_limit=args.extract_limit, train_minutes=args.train_minutes,
                             train_overrides=list(args.train_overrides), cfg_scales=tuple(args.cfg_scales),
                             grid_cfg_scale=args.grid_cfg_scale, fid_samples=args.fid_samples,

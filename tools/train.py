@@ -25,11 +25,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     from latentdit.config import load_config
-    from latentdit.training import enable_tf32, train
+    from latentdit.training import train
 
     cfg = load_config(args.config, args.overrides)
-    if cfg.train.tf32:
-        enable_tf32()
     result = train(cfg, resume=args.resume)
     from latentdit.cli import is_main_process
 

@@ -326,7 +326,8 @@ class DiT(nn.Module):
             raise LatentDiTError(f"DiT class labels y must be an integer tensor of shape [{n}], "
                                  f"got {y.dtype} {list(y.shape)}")
         # Range check only where it costs no device sync: labels still on the CPU. (Labels already on a
-        # GPU come from the trainer or the sampling tools, which validate them before moving them.)
+        # GPU come from the trainer, whose latents hold the extraction's class indices, below the
+        # manifest's class count, or from the sampling tools, which validate them before moving them.)
         if y.device.type == "cpu" and not torch.compiler.is_compiling():
             max_id = self.num_classes if self.y_embedder.has_null else self.num_classes - 1
             bad = (y < 0) | (y > max_id)

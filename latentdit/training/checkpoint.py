@@ -210,8 +210,10 @@ def save_weights(state_dict: Mapping[str, torch.Tensor], path: str | os.PathLike
 
 def read_state(ckpt: Path) -> dict[str, Any]:
     state = read_json(ckpt / STATE_FILE, "checkpoint state")
-    if not isinstance(state, dict) or "step" not in state:
-        raise LatentDiTError(f"checkpoint state {ckpt / STATE_FILE} has no 'step'; it is not a training checkpoint")
+    missing = [k for k in ("step", "model_config") if not isinstance(state, dict) or k not in state]
+    if missing:
+        raise LatentDiTError(f"checkpoint state {ckpt / STATE_FILE} has no {' or '.join(map(repr, missing))}; "
+                             "it is not a training checkpoint")
     return state
 
 

@@ -56,11 +56,6 @@ def shard_dit(model: nn.Module, compute_dtype: torch.dtype | None = None) -> nn.
     return model
 
 
-def set_gradient_sync(model: nn.Module, sync: bool) -> None:
-    """Skip (``False``) or perform the gradient reduce-scatter of the next backward (accumulation)."""
-    model.set_requires_gradient_sync(sync)
-
-
 def full_model_state(model: nn.Module, keep: bool) -> dict[str, torch.Tensor]:
     """Whole CPU tensors of ``model.state_dict()`` (collective); an empty dict where ``keep`` is false."""
     out = {}

@@ -29,7 +29,7 @@ from latentdit.config import Config, save_config
 from latentdit.errors import LatentDiTError
 from latentdit.io import load_safetensors, torch_load, torch_save, write_json
 from latentdit.training.checkpoint import (
-    EMA_FILE, META_MODEL, MODEL_FILE, OPTIMIZER_FILE, SCHEDULER_FILE, STATE_FILE, CheckpointManager,
+    EMA_FILE, MODEL_FILE, OPTIMIZER_FILE, SCHEDULER_FILE, STATE_FILE, CheckpointManager,
     read_state, resolve_resume, rng_file, rng_state, save_weights, set_rng_state,
 )
 from latentdit.training.data import BatchLayout, EpochIndexed, StepBatchSampler, StepRandomness, seed_for
@@ -197,9 +197,8 @@ class _SampleGrid:
 
     def __call__(self, ema_state: dict[str, torch.Tensor], step: int, path: Path) -> Path:
         from latentdit.autoencoder import VAE
-        from latentdit.diffusion import create_diffusion, ddpm_sample
         from latentdit.models import DiT
-        from latentdit.models.guidance import guided_forward
+        from latentdit.sampling import sample_latents
         from latentdit.visualize import save_labeled_grid
 
         cfg, ds = self.cfg, self.dataset
@@ -213,16 +212,12 @@ class _SampleGrid:
         seeds = cfg.train.sample_num_seeds
         y = torch.tensor(classes, device=self.device).repeat_interleave(seeds)
         scale = cfg.train.sample_cfg_scale if cfg.model.class_dropout_prob > 0 else 1.0
-        diffusion = create_diffusion(str(cfg.diffusion.sample_steps), cfg.diffusion.noise_schedule,
-                                     cfg.diffusion.diffusion_steps, cfg.model.learn_sigma)
         gen = torch.Generator(device=self.device).manual_seed(seed_for("latentdit-sample-grid", cfg.train.seed))
-        shape = (len(y), *ds.latent_shape)
-
-        def model_fn(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-            return guided_forward(self.model, x, t, y, scale)
-
         with torch.no_grad():
-            latents = ddpm_sample(diffusion, model_fn, shape, generator=gen, device=self.device)
+            latents = sample_latents(self.model, y, cfg_scale=scale, sampler="ddpm",
+                                     num_steps=cfg.diffusion.sample_steps, generator=gen,
+                                     noise_schedule=cfg.diffusion.noise_schedule,
+                                     diffusion_steps=cfg.diffusion.diffusion_steps)
             images = self.vae.decode(latents)
         names = [ds.class_names[c] if c < len(ds.class_names) else str(c) for c in classes]
         labels = [f"{n} (cfg {scale:g})" if i == 0 else n for i, n in enumerate(names)]
@@ -241,6 +236,8 @@ def train(cfg: Config, resume: str | None = None, *, loss_hook: LossHook | None 
     from latentdit.diffusion import create_diffusion
 
     t_cfg = cfg.train
+    if t_cfg.tf32:
+        enable_tf32()
     # Several processes without CUDA (e.g. `accelerate launch --multi_gpu --num_processes 2` on a CPU
     # machine): accelerate sets up gloo (MULTI_CPU) only when asked for the CPU explicitly.
     multi_cpu = not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1
@@ -289,11 +286,7 @@ def train(cfg: Config, resume: str | None = None, *, loss_hook: LossHook | None 
     state: dict[str, Any] = {}
     if ckpt is not None:
         state = read_state(ckpt)
-        ck_model = state.get("model_config")
-        if ck_model is None:
-            _, meta = load_safetensors(ckpt / MODEL_FILE)
-            ck_model = json.loads(meta.get(META_MODEL, "{}"))
-        diff = _config_diff(ck_model, model_config)
+        diff = _config_diff(state["model_config"], model_config)
         if diff:
             raise LatentDiTError(f"cannot resume from {ckpt}: it holds a different model ({'; '.join(diff)}). "
                                  "Use the same model.name and latents, or start a fresh run with another train.run_dir")
@@ -425,8 +418,8 @@ def train(cfg: Config, resume: str | None = None, *, loss_hook: LossHook | None 
                 x0 = x0.to(device, non_blocking=True)
                 y = y.to(device, non_blocking=True)
                 sync = a == t_cfg.grad_accum - 1
-                if sharded:
-                    sharding.set_gradient_sync(model, sync)
+                if sharded:  # FSDP2: reduce-scatter the gradients on the last micro-batch only
+                    model.set_requires_gradient_sync(sync)
                 with contextlib.nullcontext() if sync or sharded else accelerator.no_sync(model):
                     loss = diffusion_loss(diffusion, forward_model, x0, y, rand.slice(layout.rows(a)), has_null)
                     if loss_hook is not None:
@@ -450,11 +443,10 @@ def train(cfg: Config, resume: str | None = None, *, loss_hook: LossHook | None 
             loss_sum += step_loss
             window_steps += 1
             progress.update(1)
-            if check_every_step:
+            if check_every_step or log_now:
                 check_finite(step)
 
             if log_now:
-                check_finite(step)
                 mean_loss = accelerator.reduce(loss_sum / window_steps, "mean") if world > 1 else loss_sum / window_steps
                 now = time.perf_counter()
                 steps_per_sec = window_steps / max(now - window_t0, 1e-9)
