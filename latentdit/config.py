@@ -24,6 +24,13 @@ from latentdit.errors import LatentDiTError
 
 MIXED_PRECISION_CHOICES = ("no", "bf16", "fp16")
 NOISE_SCHEDULE_CHOICES = ("linear", "cosine")
+PROCESS_CHOICES = ("ddpm", "flow")
+PREDICTION_CHOICES = ("v", "x")
+TIME_SAMPLING_CHOICES = ("uniform", "logit_normal")
+LOSS_WEIGHTING_CHOICES = ("none",)
+NORM_CHOICES = ("layernorm", "rmsnorm")
+MLP_CHOICES = ("gelu", "swiglu")
+POS_CHOICES = ("sincos", "rope2d")
 
 
 @dataclass
@@ -33,20 +40,36 @@ class ModelConfig:
 
     name: str = "DiT-S/2"
     class_dropout_prob: float = 0.1
-    learn_sigma: bool = True
+    learn_sigma: bool = True      # must be false with diffusion.process=flow (no variance to learn)
     grad_checkpointing: bool = False
     input_size: int | None = None
     in_channels: int | None = None
     num_classes: int | None = None
+    # block options; the defaults are the DiT paper's blocks (released checkpoints load bit-exactly)
+    norm: str = "layernorm"       # layernorm | rmsnorm (block and final norms, no affine in either)
+    mlp: str = "gelu"             # gelu (tanh GELU MLP) | swiglu (SwiGLU, 2/3 of the hidden width)
+    pos: str = "sincos"           # sincos (absolute 2-D table) | rope2d (2-D rotary on q/k, no table)
+    qk_norm: bool = False         # RMSNorm with a learned scale on queries and keys, per head
 
 
 @dataclass
 class DiffusionConfig:
-    """Forward process used for training, and the respacing used for the periodic sample grid."""
+    """Forward process used for training, and the step count of the periodic sample grid.
 
-    noise_schedule: str = "linear"
-    diffusion_steps: int = 1000
+    ``process: ddpm`` is the DiT paper's Gaussian diffusion (``noise_schedule``, ``diffusion_steps``);
+    ``process: flow`` is the linear interpolant ``x_t = (1 − t)·x0 + t·ε``, t ∈ [0, 1], trained with the
+    velocity loss (the other fields below apply to it only)."""
+
+    process: str = "ddpm"             # ddpm | flow
+    noise_schedule: str = "linear"    # ddpm: beta schedule
+    diffusion_steps: int = 1000       # ddpm: number of training timesteps
     sample_steps: int = 50
+    prediction: str = "v"             # flow: v (velocity ε − x0) | x (the model predicts x0)
+    time_sampling: str = "uniform"    # flow: uniform | logit_normal training times
+    logit_mean: float = 0.0           # flow, logit_normal: mean of the normal before the sigmoid
+    logit_std: float = 1.0            # flow, logit_normal: its standard deviation
+    time_shift: float = 1.0           # flow: t' = s·t / (1 + (s − 1)·t); 1 = no shift
+    loss_weighting: str = "none"      # flow: per-sample weight on the velocity loss
 
 
 @dataclass
@@ -347,6 +370,21 @@ def validate_config(cfg: Config, source: str = "config") -> None:
     if not 1 <= d.sample_steps <= d.diffusion_steps:
         fail("diffusion.sample_steps", f"an integer in [1, diffusion.diffusion_steps={d.diffusion_steps}]",
              d.sample_steps)
+    for name, choices in (("process", PROCESS_CHOICES), ("prediction", PREDICTION_CHOICES),
+                          ("time_sampling", TIME_SAMPLING_CHOICES), ("loss_weighting", LOSS_WEIGHTING_CHOICES)):
+        if getattr(d, name) not in choices:
+            fail(f"diffusion.{name}", f"one of {', '.join(choices)}", getattr(d, name))
+    if not math.isfinite(d.logit_mean):
+        fail("diffusion.logit_mean", "a finite number", d.logit_mean)
+    for name in ("logit_std", "time_shift"):
+        if not (math.isfinite(getattr(d, name)) and getattr(d, name) > 0):
+            fail(f"diffusion.{name}", "a finite number > 0", getattr(d, name))
+    if d.process == "flow" and m.learn_sigma:
+        fail("model.learn_sigma", "false with diffusion.process=flow (the flow process learns no variance)",
+             m.learn_sigma)
+    for name, choices in (("norm", NORM_CHOICES), ("mlp", MLP_CHOICES), ("pos", POS_CHOICES)):
+        if getattr(m, name) not in choices:
+            fail(f"model.{name}", f"one of {', '.join(choices)}", getattr(m, name))
     if cfg.data.num_workers < 0:
         fail("data.num_workers", "an integer >= 0", cfg.data.num_workers)
     for name in ("global_batch_size", "grad_accum", "max_steps", "ckpt_every", "log_every",
