@@ -298,18 +298,67 @@ def test_vb_term_is_gaussian_kl_in_bits(schedule: str) -> None:
     torch.testing.assert_close(losses["loss"], losses["mse"] + losses["vb"])
 
 
-def test_vb_term_at_t0_is_discretised_decoder_nll() -> None:
+def _released_decoder_log_likelihood(x: torch.Tensor, mean: torch.Tensor, log_scale: torch.Tensor) -> torch.Tensor:
+    """The released DiT/ADM decoder log-likelihood, written out from its formula: tanh-approximated
+    normal CDF at the bin edges x ± 1/255 (in units of the std), every probability floored at 1e-12
+    before the log, the bins beyond ±0.999 open to ±infinity."""
+    def cdf(z: torch.Tensor) -> torch.Tensor:
+        return 0.5 * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * (z + 0.044715 * z ** 3)))
+
+    below = cdf((x - mean + 1.0 / 255.0) / torch.exp(log_scale))
+    above = 1.0 - cdf((x - mean - 1.0 / 255.0) / torch.exp(log_scale))
+    inside = below + above - 1.0
+    floor = torch.full_like(x, 1e-12)
+    probability = torch.where(x < -0.999, below, torch.where(x > 0.999, above, inside))
+    return torch.log(torch.maximum(probability, floor))
+
+
+def _exact_decoder_log_likelihood(x: torch.Tensor, mean: torch.Tensor, log_scale: torch.Tensor) -> torch.Tensor:
+    """The same bin probability with the exact normal CDF and no floor (what the released code does not do)."""
+    normal = torch.distributions.Normal(mean, torch.exp(log_scale))
+    upper = torch.where(x > 0.999, torch.ones_like(x), normal.cdf(x + 1 / 255))
+    lower = torch.where(x < -0.999, torch.zeros_like(x), normal.cdf(x - 1 / 255))
+    return torch.log(upper - lower)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_discretised_log_likelihood_is_the_released_formula(dtype: torch.dtype) -> None:
+    from latentdit.diffusion import discretized_gaussian_log_likelihood
+
+    x = torch.tensor([-1.0, -0.9995, -0.999, -0.5, 0.0, 0.0, 0.3, 0.999, 0.9995, 1.0, 0.2, -0.2], dtype=dtype)
+    mean = torch.tensor([-0.98, -1.2, -0.99, -0.49, 0.001, 0.9, 0.31, 0.99, 1.3, 0.95, -0.7, 0.6], dtype=dtype)
+    log_scale = torch.tensor([-4.6, -3.0, -4.0, -5.0, -6.0, -4.5, -2.0, -4.6, -3.0, -5.0, -3.5, -4.0], dtype=dtype)
+    ours = discretized_gaussian_log_likelihood(x, mean, log_scale)
+    expected = _released_decoder_log_likelihood(x, mean, log_scale)
+    torch.testing.assert_close(ours, expected, rtol=1e-6, atol=1e-6)
+    assert ours.min().item() == pytest.approx(math.log(1e-12))  # far from the mean: the floor, not -inf or -200
+    exact = _exact_decoder_log_likelihood(x, mean, log_scale)
+    assert (ours - exact).abs().max().item() > 1.0
+
+
+def test_vb_term_at_t0_is_the_released_decoder_nll() -> None:
     diffusion = create_diffusion(learn_sigma=True)
-    x0 = torch.tensor([-1.0, -0.5, 0.0, 0.3, 0.999, 1.0], dtype=torch.float64).reshape(1, 1, 2, 3).repeat(1, 2, 1, 1)
-    noise = _randn(1, 2, 2, 3, seed=28, dtype=torch.float64)
-    output = torch.cat([_randn(1, 2, 2, 3, seed=29, dtype=torch.float64), torch.full((1, 2, 2, 3), 0.3, dtype=torch.float64)], 1)
-    vb = diffusion.training_losses(lambda x, tm: output, x0, torch.tensor([0]), noise=noise)["vb"]
-    out = diffusion.p_mean_variance(output, diffusion.q_sample(x0, torch.tensor([0]), noise), torch.tensor([0]))
-    normal = torch.distributions.Normal(out["mean"], torch.exp(0.5 * out["log_variance"]))
-    upper = torch.where(x0 > 0.999, torch.ones_like(x0), normal.cdf(x0 + 1 / 255))
-    lower = torch.where(x0 < -0.999, torch.zeros_like(x0), normal.cdf(x0 - 1 / 255))
-    expected = -torch.log(upper - lower).mean() / math.log(2)
-    assert vb.item() == pytest.approx(expected.item(), rel=1e-6)
+    shape = (4, 2, 3, 3)
+    x0 = torch.rand(*shape, generator=torch.Generator().manual_seed(28), dtype=torch.float64) * 2.2 - 1.1
+    x0 = x0.clamp(-1.0, 1.0)  # some elements exactly at ±1 (the open outer bins)
+    noise = _randn(*shape, seed=28, dtype=torch.float64)
+    # eps far from the noise for some samples: the model mean lies many stds away, where the floor acts
+    eps = noise + 6.0 * _randn(*shape, seed=29, dtype=torch.float64) * torch.tensor([0.0, 0.1, 1.0, 3.0]).reshape(4, 1, 1, 1)
+    output = torch.cat([eps, torch.tanh(_randn(*shape, seed=30, dtype=torch.float64))], 1)
+    t = torch.zeros(shape[0], dtype=torch.long)
+    vb = diffusion.training_losses(lambda x, tm: output, x0, t, noise=noise)["vb"]
+    # the model mean and variance at t = 0 written out: mean = pred_x0 (coef2 = 0), log variance
+    # interpolates between log beta~_1 and log beta_0
+    abar0, beta0 = 1.0 - diffusion.betas[0], diffusion.betas[0]
+    x_t = math.sqrt(abar0) * x0 + math.sqrt(1.0 - abar0) * noise
+    mean = (x_t - math.sqrt(1.0 - abar0) * eps) / math.sqrt(abar0)
+    frac = (output[:, 2:] + 1.0) / 2.0
+    log_var = frac * math.log(beta0) + (1.0 - frac) * math.log(diffusion.posterior_variance[1])
+    per_element = _released_decoder_log_likelihood(x0, mean, 0.5 * log_var)
+    expected = -per_element.mean(dim=(1, 2, 3)) / math.log(2.0)
+    torch.testing.assert_close(vb, expected, rtol=1e-9, atol=1e-9)
+    exact = -_exact_decoder_log_likelihood(x0, mean, 0.5 * log_var).mean(dim=(1, 2, 3)) / math.log(2.0)
+    assert (vb - exact).abs().max().item() > 1.0  # the floor matters for the far-off samples
 
 
 def test_hybrid_loss_stops_gradient_through_the_mean() -> None:
