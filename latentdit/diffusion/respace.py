@@ -16,25 +16,30 @@ from latentdit.diffusion.schedules import get_betas
 from latentdit.errors import LatentDiTError
 
 
-def _parse_count(text: str, spec: str) -> int:
+def _parse_count(text: str, spec: str, minimum: int = 1) -> int:
     try:
         value = int(text)
     except ValueError:
         raise LatentDiTError(f"timestep respacing {spec!r}: {text!r} is not an integer step count; expected e.g. "
                              f"'250', 'ddim50' or '10,15,20'") from None
-    if value < 1:
-        raise LatentDiTError(f"timestep respacing {spec!r}: step counts must be positive, got {value}")
+    if value < minimum:
+        raise LatentDiTError(f"timestep respacing {spec!r}: step counts must be at least {minimum}, got {value}")
     return value
 
 
 def space_timesteps(num_timesteps: int, section_counts: str | Sequence[int]) -> list[int]:
-    """Sorted original indices to keep out of ``num_timesteps``.
+    """Sorted original indices to keep out of ``num_timesteps``, the released DiT/ADM way.
 
     ``section_counts``:
-      * ``"ddimN"`` — the integer stride s giving exactly N indices ``0, s, 2s, …`` (DDIM's spacing);
+      * ``"ddimN"`` — ``0, s, 2s, …`` for the smallest integer stride s in 1 … num_timesteps-1 that
+        gives exactly N indices; refused when there is none (so ``"ddim1"`` is refused: it would need
+        the stride num_timesteps, which the released code never tries);
       * ``"N"`` or ``"a,b,c"`` (or a list of ints) — the range is cut into equal sections (the first
-        ones one longer when it does not divide) and each section gets its count of indices, evenly
-        strided from the section's first to its last index (rounded).
+        ones one longer when it does not divide) and each section gets its count of indices: starting
+        at the section's first index, a float position advances by (size-1)/(count-1) per index and
+        each index is that position rounded (Python's round, halves to even). The position is
+        accumulated, not recomputed as j·stride, because that is what the released code does and the
+        two round differently for some counts. A section may take 0 indices; at least one overall.
     """
     if isinstance(num_timesteps, bool) or not isinstance(num_timesteps, (int, np.integer)) or num_timesteps < 1:
         raise LatentDiTError(f"num_timesteps must be a positive integer, got {num_timesteps!r}")
@@ -43,35 +48,34 @@ def space_timesteps(num_timesteps: int, section_counts: str | Sequence[int]) -> 
         spec = section_counts.strip()
         if spec.startswith("ddim"):
             wanted = _parse_count(spec[len("ddim"):], section_counts)
-            for stride in range(1, total + 1):
-                kept = list(range(0, total, stride))
-                if len(kept) == wanted:
-                    return kept
-                if len(kept) < wanted:
-                    break
-            raise LatentDiTError(f"timestep respacing {section_counts!r}: no integer stride gives exactly "
-                                 f"{wanted} steps out of {total}")
+            for stride in range(1, total):
+                if len(range(0, total, stride)) == wanted:
+                    return list(range(0, total, stride))
+            raise LatentDiTError(f"timestep respacing {section_counts!r}: no integer stride from 1 to {total - 1} "
+                                 f"gives exactly {wanted} steps out of {total}")
         if not spec:
             raise LatentDiTError("timestep respacing is empty; expected e.g. '250', 'ddim50' or '10,15,20'")
-        counts = [_parse_count(part.strip(), section_counts) for part in spec.split(",")]
+        counts = [_parse_count(part.strip(), section_counts, minimum=0) for part in spec.split(",")]
     else:
-        counts = [_parse_count(str(c), str(list(section_counts))) for c in section_counts]
+        counts = [_parse_count(str(c), str(list(section_counts)), minimum=0) for c in section_counts]
         if not counts:
             raise LatentDiTError("timestep respacing: the list of section counts is empty")
+    if sum(counts) == 0:
+        raise LatentDiTError(f"timestep respacing {section_counts!r}: keeps no step; give at least one positive count")
 
     base, extra = divmod(total, len(counts))
-    if base == 0:
-        raise LatentDiTError(f"timestep respacing {section_counts!r}: {len(counts)} sections do not fit in "
-                             f"{total} steps")
     kept: list[int] = []
     start = 0
     for i, count in enumerate(counts):
         size = base + (1 if i < extra else 0)
         if count > size:
-            raise LatentDiTError(f"timestep respacing {section_counts!r}: cannot take {count} steps from a "
-                                 f"section of {size}")
+            raise LatentDiTError(f"timestep respacing {section_counts!r}: cannot take {count} steps from "
+                                 f"section {i + 1} of {len(counts)}, which has {size} of the {total} steps")
         stride = (size - 1) / (count - 1) if count > 1 else 1.0
-        kept.extend(start + round(j * stride) for j in range(count))
+        position = 0.0
+        for _ in range(count):
+            kept.append(start + round(position))
+            position += stride
         start += size
     return sorted(set(kept))
 
