@@ -98,6 +98,17 @@ def test_bad_input_exits_2_with_a_message(tmp_path, capsys, argv, message):
     assert code == 2 and message.format(tmp=tmp_path) in err
 
 
+@pytest.mark.parametrize("name", ["samples.npz", "samples.bin"])
+def test_truncated_npz_is_called_damaged(tmp_path, capsys, name):
+    np.savez(tmp_path / "whole.npz", arr_0=random_images(6, seed=4))
+    data = (tmp_path / "whole.npz").read_bytes()
+    (tmp_path / name).write_bytes(data[: len(data) // 2])  # e.g. a copy cut short
+    code, _, err = _run([str(tmp_path / "whole.npz"), str(tmp_path / name), "--no-cache", "--quiet"], capsys)
+    assert code == 2
+    assert f"{tmp_path / name} is a damaged .npz file" in err and "truncated" in err
+    assert "neither a folder nor" not in err and "Traceback" not in err
+
+
 def test_script_entry_point_exit_status(tmp_path):
     proc = subprocess.run([sys.executable, str(TOOL), str(tmp_path / "nope"), str(tmp_path)],
                           capture_output=True, text=True, timeout=300)

@@ -426,6 +426,12 @@ class Source:
         return self.stored.num_samples if self.stored is not None else None
 
 
+def _starts_like_zip(path: Path) -> bool:
+    """Whether the file begins with a zip member header (an .npz under another name, perhaps cut short)."""
+    with open(path, "rb") as f:
+        return f.read(4) == b"PK\x03\x04"
+
+
 def open_source(source: str | os.PathLike | np.ndarray | torch.Tensor | FeatureStats) -> Source:
     """Open a folder, an ``.npz`` (images or statistics), a uint8 array/tensor, or wrap :class:`FeatureStats`.
 
@@ -443,6 +449,11 @@ def open_source(source: str | os.PathLike | np.ndarray | torch.Tensor | FeatureS
     if not path.exists():
         raise LatentDiTError(f"no such file or folder: {path} (expected an image folder or an .npz file)")
     if not zipfile.is_zipfile(path):
+        if path.suffix.lower() == ".npz" or _starts_like_zip(path):
+            raise LatentDiTError(
+                f"{path} is a damaged .npz file: it is not a complete zip archive ({path.stat().st_size} bytes; "
+                "truncated or only partly written?); write or copy it again"
+            )
         raise LatentDiTError(
             f"{path} is neither a folder nor an .npz file; expected an image folder, an .npz with 'arr_0' "
             "(uint8 N×H×W×3 images) or an .npz with 'mu' and 'sigma' statistics"
