@@ -24,13 +24,6 @@ from latentdit.errors import LatentDiTError
 
 MIXED_PRECISION_CHOICES = ("no", "bf16", "fp16")
 NOISE_SCHEDULE_CHOICES = ("linear", "cosine")
-PROCESS_CHOICES = ("ddpm", "flow")
-PREDICTION_CHOICES = ("v", "x")
-TIME_SAMPLING_CHOICES = ("uniform", "logit_normal")
-LOSS_WEIGHTING_CHOICES = ("none",)
-NORM_CHOICES = ("layernorm", "rmsnorm")
-MLP_CHOICES = ("gelu", "swiglu")
-POS_CHOICES = ("sincos", "rope2d")
 
 
 @dataclass
@@ -69,7 +62,7 @@ class DiffusionConfig:
     logit_mean: float = 0.0           # flow, logit_normal: mean of the normal before the sigmoid
     logit_std: float = 1.0            # flow, logit_normal: its standard deviation
     time_shift: float = 1.0           # flow: t' = s·t / (1 + (s − 1)·t); 1 = no shift
-    loss_weighting: str = "none"      # flow: per-sample weight on the velocity loss
+    loss_weighting: str = "none"      # flow: none | min_snr (weight on the per-sample velocity loss)
 
 
 @dataclass
@@ -370,8 +363,11 @@ def validate_config(cfg: Config, source: str = "config") -> None:
     if not 1 <= d.sample_steps <= d.diffusion_steps:
         fail("diffusion.sample_steps", f"an integer in [1, diffusion.diffusion_steps={d.diffusion_steps}]",
              d.sample_steps)
-    for name, choices in (("process", PROCESS_CHOICES), ("prediction", PREDICTION_CHOICES),
-                          ("time_sampling", TIME_SAMPLING_CHOICES), ("loss_weighting", LOSS_WEIGHTING_CHOICES)):
+    from latentdit.diffusion.flow import LOSS_WEIGHTINGS, PREDICTIONS, TIME_SAMPLINGS
+    from latentdit.diffusion.process import PROCESSES
+    from latentdit.models.dit import MLPS, NORMS, POSITIONS
+    for name, choices in (("process", PROCESSES), ("prediction", PREDICTIONS),
+                          ("time_sampling", TIME_SAMPLINGS), ("loss_weighting", LOSS_WEIGHTINGS)):
         if getattr(d, name) not in choices:
             fail(f"diffusion.{name}", f"one of {', '.join(choices)}", getattr(d, name))
     if not math.isfinite(d.logit_mean):
@@ -382,7 +378,7 @@ def validate_config(cfg: Config, source: str = "config") -> None:
     if d.process == "flow" and m.learn_sigma:
         fail("model.learn_sigma", "false with diffusion.process=flow (the flow process learns no variance)",
              m.learn_sigma)
-    for name, choices in (("norm", NORM_CHOICES), ("mlp", MLP_CHOICES), ("pos", POS_CHOICES)):
+    for name, choices in (("norm", NORMS), ("mlp", MLPS), ("pos", POSITIONS)):
         if getattr(m, name) not in choices:
             fail(f"model.{name}", f"one of {', '.join(choices)}", getattr(m, name))
     if cfg.data.num_workers < 0:

@@ -116,3 +116,10 @@ def test_unrepresentable_models_are_refused():
                                           activation_fn="gelu", norm_eps=1e-6)
     with pytest.raises(LatentDiTError, match="activation_fn is 'gelu', expected 'gelu-approximate'"):
         from_diffusers(odd)
+
+
+@pytest.mark.parametrize("option, shown", [(dict(norm="rmsnorm"), "norm='rmsnorm'"), (dict(mlp="swiglu"), "mlp='swiglu'"),
+                                           (dict(pos="rope2d"), "pos='rope2d'"), (dict(qk_norm=True), "qk_norm=True")])
+def test_models_with_block_options_are_refused(option, shown):
+    with pytest.raises(LatentDiTError, match=rf"only the DiT paper's blocks; this model uses {shown}"):
+        to_diffusers(small(**option))

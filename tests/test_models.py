@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -361,3 +362,158 @@ def test_wrong_input_shapes_are_named():
         model(torch.zeros(2, 4, 8, 8), torch.tensor([1, 2, 3]), torch.tensor([0, 1]))
     with pytest.raises(LatentDiTError, match="class labels y must be an integer tensor"):
         model(torch.zeros(2, 4, 8, 8), torch.tensor([1, 2]), torch.tensor([0.0, 1.0]))
+
+
+# ---------------------------------------------------------------------------------------------------
+# block options: rmsnorm, swiglu, rope2d, qk_norm
+# ---------------------------------------------------------------------------------------------------
+
+ALL_OPTIONS = dict(norm="rmsnorm", mlp="swiglu", pos="rope2d", qk_norm=True)
+OPTION_SETS = [{}, dict(norm="rmsnorm"), dict(mlp="swiglu"), dict(pos="rope2d"), dict(qk_norm=True), ALL_OPTIONS]
+
+
+def rotate_2d(x: torch.Tensor, grid: int) -> torch.Tensor:
+    """Rotary embedding written out with complex numbers: heads ``x [N, H, T, d]`` of row-major tokens on a
+    grid×grid; channel pairs (2j, 2j+1) turn by row·f_j for j < d/4 and by col·f_(j−d/4) after, f_j = 10000^(−j/(d/4))."""
+    d = x.shape[-1]
+    freqs = 10000.0 ** (-torch.arange(d // 4, dtype=torch.float64) / (d // 4))
+    rows = torch.arange(grid * grid) // grid
+    cols = torch.arange(grid * grid) % grid
+    angles = torch.cat([rows[:, None] * freqs, cols[:, None] * freqs], dim=1)  # [T, d/2]
+    turned = torch.view_as_complex(x.double().reshape(*x.shape[:-1], d // 2, 2).contiguous()) * torch.polar(
+        torch.ones_like(angles), angles)
+    return torch.view_as_real(turned).reshape(x.shape).to(x.dtype)
+
+
+def reference_forward(model: DiT, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """The DiT forward (paper blocks and every option) written out with plain torch ops from the state dict."""
+    F = torch.nn.functional
+    sd, opts = model.state_dict(), model.config
+    n, p, g, dim, heads = x.shape[0], model.patch_size, model.grid_size, model.hidden_size, model.num_heads
+
+    def lin(z, name):
+        return F.linear(z, sd[name + ".weight"], sd[name + ".bias"])
+
+    def norm(z):
+        if opts["norm"] == "rmsnorm":
+            return z * torch.rsqrt(z.square().mean(-1, keepdim=True) + 1e-6)
+        return F.layer_norm(z, (dim,), eps=1e-6)
+
+    def head_norm(z, name):
+        return z * torch.rsqrt(z.square().mean(-1, keepdim=True) + 1e-6) * sd[name]
+
+    h = F.conv2d(x, sd["x_embedder.proj.weight"], sd["x_embedder.proj.bias"], stride=p).flatten(2).transpose(1, 2)
+    if opts["pos"] == "sincos":
+        h = h + sd["pos_embed"]
+    freqs = torch.exp(-math.log(10000) * torch.arange(128, dtype=torch.float32) / 128)
+    args = t.float()[:, None] * freqs[None]
+    temb = lin(F.silu(lin(torch.cat([args.cos(), args.sin()], -1), "t_embedder.mlp.0")), "t_embedder.mlp.2")
+    c = temb + sd["y_embedder.embedding_table.weight"][y]
+    for i in range(opts["depth"]):
+        b = f"blocks.{i}."
+        shift1, scale1, gate1, shift2, scale2, gate2 = lin(F.silu(c), b + "adaLN_modulation.1").chunk(6, dim=1)
+        a = norm(h) * (1 + scale1[:, None]) + shift1[:, None]
+        q, k, v = lin(a, b + "attn.qkv").reshape(n, g * g, 3, heads, dim // heads).permute(2, 0, 3, 1, 4)
+        if opts["qk_norm"]:
+            q, k = head_norm(q, b + "attn.q_norm.weight"), head_norm(k, b + "attn.k_norm.weight")
+        if opts["pos"] == "rope2d":
+            q, k = rotate_2d(q, g), rotate_2d(k, g)
+        att = ((q @ k.transpose(-1, -2)) / math.sqrt(dim // heads)).softmax(-1) @ v
+        h = h + gate1[:, None] * lin(att.transpose(1, 2).reshape(n, g * g, dim), b + "attn.proj")
+        a = norm(h) * (1 + scale2[:, None]) + shift2[:, None]
+        if opts["mlp"] == "swiglu":
+            m = lin(F.silu(lin(a, b + "mlp.fc1_g")) * lin(a, b + "mlp.fc1_x"), b + "mlp.fc2")
+        else:
+            m = lin(F.gelu(lin(a, b + "mlp.fc1"), approximate="tanh"), b + "mlp.fc2")
+        h = h + gate2[:, None] * m
+    shift, scale = lin(F.silu(c), "final_layer.adaLN_modulation.1").chunk(2, dim=1)
+    out = lin(norm(h) * (1 + scale[:, None]) + shift[:, None], "final_layer.linear")
+    cout = model.out_channels
+    out = out.reshape(n, g, g, p, p, cout).permute(0, 5, 1, 3, 2, 4)
+    return out.reshape(n, cout, g * p, g * p)
+
+
+@pytest.mark.parametrize("options", OPTION_SETS, ids=lambda o: "+".join(f"{k}={v}" for k, v in o.items()) or "paper")
+def test_forward_matches_the_written_out_reference(options):
+    model = randomize(tiny(**options)).eval()
+    x, t = inputs()
+    y = torch.tensor([1, 2, 10])
+    with torch.no_grad():
+        torch.testing.assert_close(model(x, t, y), reference_forward(model, x, t, y), atol=2e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("options", OPTION_SETS[1:], ids=lambda o: "+".join(f"{k}={v}" for k, v in o.items()))
+def test_each_option_changes_the_forward(options):
+    paper = randomize(tiny()).eval()
+    model = randomize(tiny(**options), seed=1).eval()
+    own = model.state_dict()
+    shared = {k: v for k, v in paper.state_dict().items() if k in own and own[k].shape == v.shape}
+    model.load_state_dict(shared, strict=False)  # same weights wherever the architectures agree
+    assert model.block_options == options and paper.block_options == {}
+    x, t = inputs()
+    y = torch.tensor([1, 2, 10])
+    with torch.no_grad():
+        assert (model(x, t, y) - paper(x, t, y)).abs().max() > 1e-3
+    assert ("pos_embed" in model.state_dict()) == (options.get("pos", "sincos") == "sincos")
+
+
+def test_rope2d_attention_scores_depend_only_on_relative_offsets():
+    from timm.layers import apply_rot_embed_cat
+
+    model = tiny(pos="rope2d", input_size=12)  # 6×6 tokens, head size 32
+    table = model.rope(torch.device("cpu"))
+    g = model.grid_size
+    assert table.shape == (g * g, 2 * 32)
+    gen = torch.Generator().manual_seed(0)
+    q, k = torch.randn(2, 32, generator=gen)
+    # the same query and key content at every token: scores may only vary with the positions
+    scores = apply_rot_embed_cat(q.expand(g * g, 32), table) @ apply_rot_embed_cat(k.expand(g * g, 32), table).T
+    by_offset: dict[tuple[int, int], float] = {}
+    for i in range(g * g):
+        for j in range(g * g):
+            offset = (j // g - i // g, j % g - i % g)
+            by_offset.setdefault(offset, float(scores[i, j]))
+            assert float(scores[i, j]) == pytest.approx(by_offset[offset], abs=1e-4), (i, j)
+    assert len(by_offset) == (2 * g - 1) ** 2
+    assert len({round(v, 3) for v in by_offset.values()}) > 0.9 * len(by_offset)  # and they do vary with the offset
+
+
+def test_all_options_round_trip_through_save_and_load(tmp_path):
+    from latentdit.models import load_dit, save_dit
+
+    model = randomize(tiny(**ALL_OPTIONS))
+    save_dit(model, tmp_path / "m.safetensors")
+    loaded = load_dit(tmp_path / "m.safetensors")
+    assert loaded.config == model.config and loaded.block_options == ALL_OPTIONS
+    x, t = inputs()
+    y = torch.tensor([1, 2, 10])
+    with torch.no_grad():
+        assert torch.equal(loaded(x, t, y), model(x, t, y))
+
+
+def test_all_options_model_samples_through_the_sample_tool(tmp_path, capsys):
+    from PIL import Image
+
+    from latentdit.cli import run_main
+    from test_sampling import _tool, make_tiny_vae_dir, save_our_checkpoint
+
+    model = randomize(create_dit("DiT-T/2", input_size=8, num_classes=4, **ALL_OPTIONS))
+    ckpt = save_our_checkpoint(model, tmp_path / "ema.safetensors", vae=str(make_tiny_vae_dir(tmp_path / "vae")))
+    with pytest.raises(SystemExit) as e:
+        run_main(_tool().main, ["--ckpt", str(ckpt), "--labels", "0,3", "--samples-per-label", "2",
+                                "--num-steps", "3", "--device", "cpu", "--out", str(tmp_path / "grid.png"),
+                                "--save-individual", str(tmp_path / "ind")])
+    assert e.value.code == 0, capsys.readouterr().err
+    images = [np.asarray(Image.open(p)) for p in sorted((tmp_path / "ind").iterdir())]
+    assert len(images) == 4 and images[0].shape == (16, 16, 3)
+
+
+def test_bad_block_options_are_named():
+    with pytest.raises(LatentDiTError, match="DiT norm must be one of layernorm, rmsnorm, got 'batchnorm'"):
+        tiny(norm="batchnorm")
+    with pytest.raises(LatentDiTError, match="DiT pos must be one of sincos, rope2d"):
+        tiny(pos="rope")
+    with pytest.raises(LatentDiTError, match="DiT qk_norm must be true or false"):
+        tiny(qk_norm="yes")
+    with pytest.raises(LatentDiTError, match=r"pos=rope2d needs a head size .* = 6\) divisible by 4"):
+        tiny(pos="rope2d", hidden_size=24)

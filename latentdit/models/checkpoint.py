@@ -222,7 +222,8 @@ def load_dit(path: str | os.PathLike, model_name: str | None = None, **overrides
     check_state_dict(model, state, f"checkpoint {source}")
     state = {k: v.to(torch.float32) if v.is_floating_point() else v for k, v in state.items()}
     model.load_state_dict(state, strict=True, assign=True)
-    model.pos_embed.requires_grad_(False)
+    if model.pos_embed is not None:  # absent with rotary positions (pos="rope2d")
+        model.pos_embed.requires_grad_(False)
     return model.eval()
 
 

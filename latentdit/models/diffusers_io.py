@@ -7,6 +7,8 @@ uses block 0's); ``blocks.i.adaLN_modulation.1`` → ``transformer_blocks.i.norm
 ``blocks.i.attn.qkv`` split into ``attn1.to_q/to_k/to_v``; ``attn.proj`` → ``attn1.to_out.0``;
 ``mlp.fc1/fc2`` → ``ff.net.0.proj`` / ``ff.net.2``; ``final_layer.adaLN_modulation.1`` → ``proj_out_1``;
 ``final_layer.linear`` → ``proj_out_2``. diffusers recomputes the sin-cos position table itself.
+Only models with the paper's blocks convert: :func:`to_diffusers` refuses the block options
+(``norm``, ``mlp``, ``pos``, ``qk_norm``; see :mod:`latentdit.models.dit`), which diffusers' DiT lacks.
 
 Two numerical details differ between the two implementations, and :func:`to_diffusers` aligns them:
 
@@ -79,6 +81,10 @@ def to_diffusers(model: DiT) -> "DiTTransformer2DModel":
     if not isinstance(model, DiT):
         raise LatentDiTError(f"to_diffusers expects a latentdit DiT, got {type(model).__name__}")
     cfg = model.config
+    if model.block_options:
+        options = ", ".join(f"{k}={v!r}" for k, v in model.block_options.items())
+        raise LatentDiTError(f"to_diffusers: diffusers' DiTTransformer2DModel has only the DiT paper's blocks; this "
+                             f"model uses {options} (LayerNorm, GELU MLP, sin-cos positions, no qk-norm needed)")
     if not model.y_embedder.has_null:
         raise LatentDiTError("to_diffusers: diffusers' DiTTransformer2DModel always has a null class row; "
                              "a DiT with class_dropout_prob=0 (no null row) cannot be represented")

@@ -13,15 +13,34 @@ their state dicts load strictly into :class:`DiT`:
 Forward: ``tokens = patchify(x) + pos_embed``, ``c = t_emb + y_emb``; every block applies
 ``x += gate * f(LN(x) * (1 + scale) + shift)`` for attention and for the MLP, with shift/scale/gate
 regressed from ``c``; the final layer modulates, projects to ``patch² · out_channels`` and unpatchifies.
+
+Block options (constructor arguments, stored in :attr:`DiT.config`; the defaults are the paper's blocks,
+so the released checkpoints load and compute bit-exactly):
+
+- ``norm="rmsnorm"``: RMSNorm instead of LayerNorm in the blocks and the final layer (neither has an
+  affine part: adaLN supplies scale and shift);
+- ``mlp="swiglu"``: SwiGLU MLP (``fc1_g``, ``fc1_x``, ``fc2``) with ⅔ of the GELU MLP's hidden width, so
+  the parameter count stays about the same;
+- ``pos="rope2d"``: 2-D rotary embedding of queries and keys (half of each head's channels rotate with
+  the token's row, half with its column; frequencies ``10000^(-i/(head_dim/4))``). There is then no
+  absolute table (``pos_embed`` is absent from the state dict), so attention scores depend on the
+  tokens' relative offsets only;
+- ``qk_norm=True``: RMSNorm with a learned scale on each head's queries and keys (``attn.q_norm``,
+  ``attn.k_norm``), applied before the rotary embedding.
+
+The attention, MLP and norm layers are timm's (``AttentionRope``, ``Mlp``, ``SwiGLU``, ``RmsNorm``).
 """
 
 from __future__ import annotations
 
 import math
+from functools import partial
 from typing import Any
 
 import torch
 import torch.nn.functional as F
+from einops import rearrange
+from timm.layers import AttentionRope, Mlp, RmsNorm, SwiGLU, build_rotary_pos_embed
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
@@ -29,6 +48,14 @@ from latentdit.errors import LatentDiTError
 
 TIMESTEP_FREQ_DIM = 256
 TIMESTEP_MAX_PERIOD = 10000
+NORM_EPS = 1e-6
+ROPE_THETA = 10000.0
+
+NORMS = ("layernorm", "rmsnorm")
+MLPS = ("gelu", "swiglu")
+POSITIONS = ("sincos", "rope2d")
+# The DiT paper's blocks: the default block options (configs written before the options existed mean these).
+PAPER_BLOCKS: dict[str, Any] = dict(norm="layernorm", mlp="gelu", pos="sincos", qk_norm=False)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -67,6 +94,15 @@ def sincos_2d(dim: int, grid_size: int, device: torch.device | str | None = None
     coords = torch.arange(grid_size, dtype=torch.float64, device=device)
     rows, cols = torch.meshgrid(coords, coords, indexing="ij")
     return torch.cat([sincos_1d(dim // 2, cols), sincos_1d(dim // 2, rows)], dim=1)
+
+
+def rope_2d(grid_size: int, head_dim: int, device: torch.device | str | None = None) -> torch.Tensor:
+    """Rotary table ``[grid_size², 2·head_dim]`` (sin then cos, pairs of channels interleaved) for
+    row-major tokens: the first half of a head's channels rotates with the token's row, the second with
+    its column, at frequencies ``ROPE_THETA^(-i/(head_dim/4))``; integer grid coordinates."""
+    sin, cos = build_rotary_pos_embed([grid_size, grid_size], dim=head_dim, in_pixels=False,
+                                      temperature=ROPE_THETA, device=device)
+    return torch.cat([sin, cos], dim=-1)
 
 
 def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
@@ -133,50 +169,36 @@ class LabelEmbedder(nn.Module):
 # Transformer blocks
 # --------------------------------------------------------------------------------------------------
 
-class Attention(nn.Module):
-    """Multi-head self-attention with a fused ``qkv`` projection and ``scaled_dot_product_attention``."""
-
-    def __init__(self, dim: int, num_heads: int):
-        super().__init__()
-        self.num_heads = num_heads
-        self.head_dim = dim // num_heads
-        self.qkv = nn.Linear(dim, 3 * dim, bias=True)
-        self.proj = nn.Linear(dim, dim, bias=True)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        n, t, d = x.shape
-        q, k, v = self.qkv(x).reshape(n, t, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
-        x = F.scaled_dot_product_attention(q, k, v)
-        return self.proj(x.transpose(1, 2).reshape(n, t, d))
+def make_norm(kind: str, dim: int) -> nn.Module:
+    """The block/final-layer norm: no affine part (adaLN modulates), eps 1e-6."""
+    if kind == "rmsnorm":
+        return RmsNorm(dim, eps=NORM_EPS, affine=False)
+    return nn.LayerNorm(dim, elementwise_affine=False, eps=NORM_EPS)
 
 
-class Mlp(nn.Module):
-    """``fc1 → GELU(tanh) → fc2``."""
-
-    def __init__(self, dim: int, hidden_dim: int):
-        super().__init__()
-        self.fc1 = nn.Linear(dim, hidden_dim)
-        self.act = nn.GELU(approximate="tanh")
-        self.fc2 = nn.Linear(hidden_dim, dim)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc2(self.act(self.fc1(x)))
+def make_mlp(kind: str, dim: int, mlp_ratio: float) -> nn.Module:
+    """tanh-GELU MLP (``fc1``, ``fc2``) or SwiGLU (``fc1_g``, ``fc1_x``, ``fc2``) at ⅔ of the hidden width."""
+    hidden = int(dim * mlp_ratio)
+    if kind == "swiglu":
+        return SwiGLU(dim, int(2 * hidden / 3), act_layer=nn.SiLU)
+    return Mlp(dim, hidden, act_layer=partial(nn.GELU, approximate="tanh"))
 
 
 class DiTBlock(nn.Module):
     """adaLN-Zero transformer block: shift/scale/gate for attention and for the MLP, regressed from c."""
 
-    def __init__(self, hidden_size: int, num_heads: int, mlp_ratio: float = 4.0):
+    def __init__(self, hidden_size: int, num_heads: int, mlp_ratio: float, norm: str, mlp: str, qk_norm: bool):
         super().__init__()
-        self.norm1 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
-        self.attn = Attention(hidden_size, num_heads)
-        self.norm2 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
-        self.mlp = Mlp(hidden_size, int(hidden_size * mlp_ratio))
+        self.norm1 = make_norm(norm, hidden_size)
+        self.attn = AttentionRope(hidden_size, num_heads, qkv_bias=True, num_prefix_tokens=0, qk_norm=qk_norm,
+                                  norm_layer=partial(RmsNorm, eps=NORM_EPS))
+        self.norm2 = make_norm(norm, hidden_size)
+        self.mlp = make_mlp(mlp, hidden_size, mlp_ratio)
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 6 * hidden_size))
 
-    def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, c: torch.Tensor, rope: torch.Tensor | None = None) -> torch.Tensor:
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.adaLN_modulation(c).chunk(6, dim=1)
-        x = x + gate_msa.unsqueeze(1) * self.attn(modulate(self.norm1(x), shift_msa, scale_msa))
+        x = x + gate_msa.unsqueeze(1) * self.attn(modulate(self.norm1(x), shift_msa, scale_msa), rope=rope)
         x = x + gate_mlp.unsqueeze(1) * self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp))
         return x
 
@@ -184,9 +206,9 @@ class DiTBlock(nn.Module):
 class FinalLayer(nn.Module):
     """adaLN (shift, scale) → linear to ``patch² · out_channels`` per token."""
 
-    def __init__(self, hidden_size: int, patch_size: int, out_channels: int):
+    def __init__(self, hidden_size: int, patch_size: int, out_channels: int, norm: str):
         super().__init__()
-        self.norm_final = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
+        self.norm_final = make_norm(norm, hidden_size)
         self.linear = nn.Linear(hidden_size, patch_size * patch_size * out_channels)
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 2 * hidden_size))
 
@@ -212,11 +234,14 @@ class DiT(nn.Module):
     is ``2 · in_channels`` with ``learn_sigma`` (eps then the variance interpolation values) and
     ``in_channels`` otherwise. ``t`` holds timestep indices (float or long, shape ``[N]`` or a scalar);
     ``y`` holds class ids in ``[0, num_classes)``, or ``null_class_id`` when the null row exists.
+    ``norm``, ``mlp``, ``pos`` and ``qk_norm`` choose the block options (see the module docstring).
     """
 
     def __init__(self, input_size: int = 32, patch_size: int = 2, in_channels: int = 4, hidden_size: int = 1152,
                  depth: int = 28, num_heads: int = 16, mlp_ratio: float = 4.0, class_dropout_prob: float = 0.1,
-                 num_classes: int = 1000, learn_sigma: bool = True, grad_checkpointing: bool = False):
+                 num_classes: int = 1000, learn_sigma: bool = True, grad_checkpointing: bool = False,
+                 norm: str = PAPER_BLOCKS["norm"], mlp: str = PAPER_BLOCKS["mlp"], pos: str = PAPER_BLOCKS["pos"],
+                 qk_norm: bool = PAPER_BLOCKS["qk_norm"]):
         super().__init__()
         _check_int("input_size", input_size, 1)
         _check_int("patch_size", patch_size, 1)
@@ -231,8 +256,16 @@ class DiT(nn.Module):
                 f"use a latent size that is a multiple of {patch_size}")
         if hidden_size % num_heads:
             raise LatentDiTError(f"DiT hidden_size {hidden_size} is not divisible by num_heads {num_heads}")
-        if hidden_size % 4:
+        for name, value, choices in (("norm", norm, NORMS), ("mlp", mlp, MLPS), ("pos", pos, POSITIONS)):
+            if value not in choices:
+                raise LatentDiTError(f"DiT {name} must be one of {', '.join(choices)}, got {value!r}")
+        if not isinstance(qk_norm, bool):
+            raise LatentDiTError(f"DiT qk_norm must be true or false, got {qk_norm!r}")
+        if pos == "sincos" and hidden_size % 4:
             raise LatentDiTError(f"DiT hidden_size must be divisible by 4 (2D sin-cos position table), got {hidden_size}")
+        if pos == "rope2d" and (hidden_size // num_heads) % 4:
+            raise LatentDiTError(f"DiT pos=rope2d needs a head size (hidden_size / num_heads = "
+                                 f"{hidden_size // num_heads}) divisible by 4")
         if not (isinstance(mlp_ratio, (int, float)) and math.isfinite(mlp_ratio) and mlp_ratio > 0):
             raise LatentDiTError(f"DiT mlp_ratio must be a positive number, got {mlp_ratio!r}")
         if not (isinstance(class_dropout_prob, (int, float)) and 0.0 <= class_dropout_prob <= 1.0):
@@ -241,7 +274,8 @@ class DiT(nn.Module):
         self._config = dict(input_size=input_size, patch_size=patch_size, in_channels=in_channels,
                             hidden_size=hidden_size, depth=depth, num_heads=num_heads, mlp_ratio=float(mlp_ratio),
                             class_dropout_prob=float(class_dropout_prob), num_classes=num_classes,
-                            learn_sigma=bool(learn_sigma), grad_checkpointing=bool(grad_checkpointing))
+                            learn_sigma=bool(learn_sigma), grad_checkpointing=bool(grad_checkpointing),
+                            norm=norm, mlp=mlp, pos=pos, qk_norm=qk_norm)
         self.input_size = input_size
         self.patch_size = patch_size
         self.in_channels = in_channels
@@ -252,13 +286,18 @@ class DiT(nn.Module):
         self.learn_sigma = bool(learn_sigma)
         self.grad_checkpointing = bool(grad_checkpointing)
         self.grid_size = input_size // patch_size
+        self.pos = pos
 
         self.x_embedder = PatchEmbed(patch_size, in_channels, hidden_size)
         self.t_embedder = TimestepEmbedder(hidden_size)
         self.y_embedder = LabelEmbedder(num_classes, hidden_size, class_dropout_prob)
-        self.pos_embed = nn.Parameter(torch.zeros(1, self.grid_size ** 2, hidden_size), requires_grad=False)
-        self.blocks = nn.ModuleList([DiTBlock(hidden_size, num_heads, mlp_ratio) for _ in range(depth)])
-        self.final_layer = FinalLayer(hidden_size, patch_size, self.out_channels)
+        if pos == "sincos":
+            self.pos_embed = nn.Parameter(torch.zeros(1, self.grid_size ** 2, hidden_size), requires_grad=False)
+        else:  # rotary: positions enter through q/k only
+            self.register_parameter("pos_embed", None)
+        self.blocks = nn.ModuleList([DiTBlock(hidden_size, num_heads, mlp_ratio, norm, mlp, qk_norm)
+                                     for _ in range(depth)])
+        self.final_layer = FinalLayer(hidden_size, patch_size, self.out_channels, norm)
         self.initialize_weights()
 
     # -- construction -------------------------------------------------------------------------------
@@ -270,9 +309,10 @@ class DiT(nn.Module):
             if isinstance(module, nn.Linear):
                 nn.init.xavier_uniform_(module.weight)
                 nn.init.zeros_(module.bias)
-        with torch.no_grad():
-            self.pos_embed.copy_(sincos_2d(self.hidden_size, self.grid_size, self.pos_embed.device)
-                                 .to(self.pos_embed.dtype).unsqueeze(0))
+        if self.pos_embed is not None:
+            with torch.no_grad():
+                self.pos_embed.copy_(sincos_2d(self.hidden_size, self.grid_size, self.pos_embed.device)
+                                     .to(self.pos_embed.dtype).unsqueeze(0))
         w = self.x_embedder.proj.weight
         nn.init.xavier_uniform_(w.view(w.shape[0], -1))
         nn.init.zeros_(self.x_embedder.proj.bias)
@@ -293,6 +333,11 @@ class DiT(nn.Module):
         return dict(self._config)
 
     @property
+    def block_options(self) -> dict[str, Any]:
+        """The block options that differ from the DiT paper's (empty for a paper DiT)."""
+        return {k: self._config[k] for k, v in PAPER_BLOCKS.items() if self._config[k] != v}
+
+    @property
     def null_class_id(self) -> int:
         """The label id of the unconditional ("null") row, ``num_classes``; only with class_dropout_prob > 0."""
         if not self.y_embedder.has_null:
@@ -304,11 +349,16 @@ class DiT(nn.Module):
     # -- forward ------------------------------------------------------------------------------------
 
     def unpatchify(self, x: torch.Tensor) -> torch.Tensor:
-        """Tokens ``[N, T, p²·C]`` → images ``[N, C, H, W]``."""
-        c, p, g = self.out_channels, self.patch_size, self.grid_size
-        x = x.reshape(x.shape[0], g, g, p, p, c)
-        x = torch.einsum("nhwpqc->nchpwq", x)
-        return x.reshape(x.shape[0], c, g * p, g * p)
+        """Tokens ``[N, T, p²·C]`` (row-major tokens, channels fastest within a patch) → ``[N, C, H, W]``."""
+        return rearrange(x, "n (h w) (p q c) -> n c (h p) (w q)", h=self.grid_size, p=self.patch_size,
+                         q=self.patch_size)
+
+    def rope(self, device: torch.device) -> torch.Tensor | None:
+        """The rotary table of this model's token grid (``pos="rope2d"``), else None. Computed per call:
+        it is tiny, and so it never needs to be saved, moved or materialised after a meta-device build."""
+        if self.pos != "rope2d":
+            return None
+        return rope_2d(self.grid_size, self.hidden_size // self.num_heads, device)
 
     def _check_inputs(self, x: torch.Tensor, t: torch.Tensor | float, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if x.ndim != 4 or x.shape[1] != self.in_channels or x.shape[2] != self.input_size or x.shape[3] != self.input_size:
@@ -348,9 +398,12 @@ class DiT(nn.Module):
         t, y = self._check_inputs(x, t, y)
         if force_drop_ids is not None and not self.y_embedder.has_null:
             raise LatentDiTError("force_drop_ids given but this DiT has no null class row (class_dropout_prob is 0)")
-        h = self.x_embedder(x) + self.pos_embed
+        h = self.x_embedder(x)
+        if self.pos_embed is not None:
+            h = h + self.pos_embed
+        rope = self.rope(x.device)
         c = self.t_embedder(t) + self.y_embedder(y, self.training, force_drop_ids)
         use_ckpt = self.grad_checkpointing and torch.is_grad_enabled()
         for block in self.blocks:
-            h = checkpoint(block, h, c, use_reentrant=False) if use_ckpt else block(h, c)
+            h = checkpoint(block, h, c, rope, use_reentrant=False) if use_ckpt else block(h, c, rope)
         return self.unpatchify(self.final_layer(h, c))
