@@ -3,6 +3,8 @@
 Tools stay thin: parse arguments, call the library, report. ``run_main(main)`` turns a
 :class:`LatentDiTError` into a one-line message on stderr and exit status 2 (the same status
 argparse uses for a bad flag), so a user never sees a bare traceback for a mistake they can fix.
+File-system refusals (full disk, read-only file system, a folder where a file belongs...) are
+reported the same way. Under a launcher only rank 0 prints (see :mod:`latentdit.distributed`).
 """
 
 from __future__ import annotations
@@ -14,18 +16,27 @@ import sys
 from pathlib import Path
 from typing import Callable, Sequence
 
-from latentdit.errors import LatentDiTError
-
-EXIT_USER_ERROR = 2
-
+from latentdit.distributed import EXIT_USER_ERROR, one_line, rank, report_user_error, watch_launcher
+from latentdit.errors import LatentDiTError, ReportedError, describe_os_error
 
 def run_main(main: Callable[[Sequence[str] | None], int | None], argv: Sequence[str] | None = None) -> None:
-    """Call ``main(argv)`` and exit: 0 on success, 2 on a user error, 130 on Ctrl-C."""
+    """Call ``main(argv)`` and exit: 0 on success, 2 on a user error, 130 on Ctrl-C.
+
+    In a worker of a launcher, the worker also stops (with a message) when its launcher dies.
+    """
+    watch_launcher()
     try:
         code = main(argv)
+    except ReportedError:  # its message is already on the screen
+        sys.exit(EXIT_USER_ERROR)
     except LatentDiTError as e:
-        prog = Path(sys.argv[0]).name if sys.argv and sys.argv[0] else "latentdit"
-        print(f"{prog}: error: {e}", file=sys.stderr)
+        report_user_error(str(e))
+        sys.exit(EXIT_USER_ERROR)
+    except OSError as e:
+        message = describe_os_error(e)
+        if message is None:
+            raise
+        report_user_error(message)
         sys.exit(EXIT_USER_ERROR)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
@@ -33,9 +44,17 @@ def run_main(main: Callable[[Sequence[str] | None], int | None], argv: Sequence[
     sys.exit(code or 0)
 
 
+class _Parser(argparse.ArgumentParser):
+    """An ``ArgumentParser`` whose errors are one line (no usage block), printed like every other user error."""
+
+    def error(self, message: str):
+        report_user_error(f"{one_line(message)} (see {self.prog} --help)")
+        sys.exit(EXIT_USER_ERROR)
+
+
 def make_parser(description: str, **kwargs) -> argparse.ArgumentParser:
     """An ``ArgumentParser`` that never guesses abbreviated flags (a typo is an error, not a match)."""
-    return argparse.ArgumentParser(description=description, allow_abbrev=False,
+    return _Parser(description=description, allow_abbrev=False,
                                    formatter_class=argparse.ArgumentDefaultsHelpFormatter, **kwargs)
 
 
@@ -96,6 +115,35 @@ def existing_file(text: str) -> Path:
     return path
 
 
+def device_arg(text: str) -> str:
+    """argparse type for ``--device``: ``auto``, ``cpu``, ``cuda``, ``cuda:1``, ``mps``... that exists here."""
+    import torch
+
+    name = text.strip()
+    if name == "auto":
+        return name
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError):
+        raise argparse.ArgumentTypeError(f"unknown device {text!r}; expected auto, cpu, cuda, cuda:N or mps") from None
+    if device.type == "cpu":
+        return name
+    backend = getattr(torch, device.type, None)
+    if device.type == "mps":
+        backend = getattr(torch.backends, "mps", None)
+    available = getattr(backend, "is_available", None)
+    if available is None:
+        raise argparse.ArgumentTypeError(f"device {text!r} is not supported; expected auto, cpu, cuda, cuda:N or mps")
+    if not available():
+        raise argparse.ArgumentTypeError(f"device {text!r} was asked for, but this machine has no usable "
+                                         f"{device.type} device; use --device cpu")
+    count = getattr(backend, "device_count", None)
+    if device.index is not None and count is not None and device.index >= count():
+        raise argparse.ArgumentTypeError(f"device {text!r} does not exist: this machine has {count()} "
+                                         f"{device.type} device(s), numbered from 0")
+    return name
+
+
 def is_main_process() -> bool:
     """True on the process that should print progress (rank 0, or no distributed launch at all)."""
-    return int(os.environ.get("RANK", os.environ.get("LOCAL_RANK", "0"))) == 0
+    return rank() == 0

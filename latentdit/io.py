@@ -9,16 +9,20 @@ safetensors, never by unpickling arbitrary objects.
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import os
+import re
+import stat
 import tempfile
 from pathlib import Path
-from typing import Any, Iterator, Mapping
+from typing import Any, Iterator, Mapping, Sequence
 
 import torch
 
-from latentdit.errors import LatentDiTError
+from latentdit.distributed import one_line
+from latentdit.errors import LatentDiTError, os_error_reason
 
 
 @contextlib.contextmanager
@@ -36,23 +40,71 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path beside ``path`` for a writer that wants a file name (not a file object).
 
     After the block the temporary file is fsynced and renamed to ``path``; on error it is removed.
+    Only a regular file (or nothing) is ever replaced: a symbolic link is followed and its target
+    written (the temporary file then lies beside the target), and a folder, device, FIFO or socket at
+    ``path`` is refused. A full disk, a read-only file system and the like raise :class:`LatentDiTError`.
     """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    tmp_path = Path(tmp)
+    target = writable_target(path)
+    tmp_path: Path | None = None
     try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+        os.close(fd)
+        tmp_path = Path(tmp)
         yield tmp_path
         with open(tmp_path, "rb+") as f:
             os.fsync(f.fileno())
         os.chmod(tmp_path, _DEFAULT_MODE)
-        os.replace(tmp_path, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            tmp_path.unlink()
+        os.replace(tmp_path, target)
+    except BaseException as e:
+        if tmp_path is not None:
+            with contextlib.suppress(OSError):
+                tmp_path.unlink()
+        problem = write_failure(e)
+        if problem is not None:
+            raise LatentDiTError(f"could not write {path}: {problem}") from e
         raise
-    _fsync_dir(path.parent)
+    _fsync_dir(target.parent)
+
+
+def writable_target(path: str | os.PathLike) -> Path:
+    """The file that writing ``path`` replaces: ``path`` itself, or the final target of a symbolic link.
+
+    Raises :class:`LatentDiTError` unless that is a regular file or does not exist yet.
+    """
+    path = Path(path)
+    target = Path(os.path.realpath(path)) if path.is_symlink() else path
+    try:
+        mode = os.stat(target).st_mode
+    except FileNotFoundError:
+        return target
+    except NotADirectoryError:
+        raise LatentDiTError(f"cannot write {path}: a part of the path is a file, not a folder") from None
+    if stat.S_ISREG(mode):
+        return target
+    if stat.S_ISDIR(mode):
+        raise LatentDiTError(f"cannot write {path}: it is a folder; expected the path of a file")
+    kind = ("a device" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode) else "a FIFO" if stat.S_ISFIFO(mode)
+            else "a socket" if stat.S_ISSOCK(mode) else "not a regular file")
+    raise LatentDiTError(f"refusing to write {path}: it is {kind}, not a regular file; choose the path of a file")
+
+
+#: How a failed write shows in errors that carry no errno: torch's zip writer, safetensors.
+_DISK_FULL_TEXTS = ("No space left on device", "StorageFull", "os error 28")
+_PARTIAL_WRITE_TEXTS = ("PytorchStreamWriter", "inline_container")
+
+
+def write_failure(e: BaseException) -> str | None:
+    """What went wrong in a failed write that the user can fix (full disk, read-only...), else None."""
+    if isinstance(e, OSError):
+        return os_error_reason(e)
+    text = str(e)
+    if any(t in text for t in _DISK_FULL_TEXTS):
+        return os_error_reason(OSError(errno.ENOSPC, os.strerror(errno.ENOSPC)))
+    if isinstance(e, RuntimeError) and any(t in text for t in _PARTIAL_WRITE_TEXTS):
+        return (f"the write stopped part-way ({one_line(text)}); the disk is probably full: free some space or "
+                "choose another location")
+    return None
 
 
 def _default_mode() -> int:
@@ -88,8 +140,10 @@ def read_json(path: str | os.PathLike, what: str = "JSON file") -> Any:
     if not path.is_file():
         raise LatentDiTError(f"{what} not found: {path}")
     try:
-        with open(path) as f:
+        with open(path, encoding="utf-8") as f:
             return json.load(f)
+    except UnicodeDecodeError as e:
+        raise LatentDiTError(f"{what} {path} is not UTF-8 text (byte {e.start}); expected a JSON file") from e
     except json.JSONDecodeError as e:
         raise LatentDiTError(f"{what} {path} is not valid JSON ({e}); it may be truncated or hand-edited.") from e
 
@@ -126,18 +180,25 @@ def load_safetensors(path: str | os.PathLike, device: str = "cpu") -> tuple[dict
     return tensors, metadata
 
 
-def torch_load(path: str | os.PathLike, what: str = "checkpoint") -> Any:
-    """``torch.load`` with ``weights_only=True`` (no arbitrary unpickling), errors naming the file."""
+def torch_load(path: str | os.PathLike, what: str = "checkpoint", allowed_globals: Sequence[type] = ()) -> Any:
+    """``torch.load`` with ``weights_only=True`` (no arbitrary unpickling), errors naming the file.
+
+    ``allowed_globals``: plain classes (e.g. ``argparse.Namespace``) that this one load may rebuild
+    besides tensors and containers; allowed only inside this call, never globally.
+    """
     path = Path(path)
     if not path.is_file():
         raise LatentDiTError(f"{what} not found: {path}")
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        with torch.serialization.safe_globals(list(allowed_globals)):
+            return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
         text = str(e)
         if "Weights only load failed" in text:  # torch's long text advises turning the safe mode off: we never do
+            refused = re.search(r"Unsupported global: GLOBAL ([\w.]+)", text)
             reason = ("it is not a PyTorch file of plain tensors and containers, or it holds pickled Python "
-                      "objects, which are refused for safety")
+                      "objects, which are refused for safety"
+                      + (f" (it pickles {refused.group(1)})" if refused else ""))
         else:
             reason = text.strip().splitlines()[0] if text.strip() else type(e).__name__
         raise LatentDiTError(f"could not read {what} {path}: {reason}. Expected a .pt/.pth state dict "

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import Sequence
 
-from latentdit.cli import make_parser, non_negative_int, positive_int, run_main
+from latentdit.cli import device_arg, make_parser, non_negative_int, positive_int, run_main
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -37,15 +37,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--dtype", choices=sorted(STORAGE_DTYPES), default="float16", help="storage dtype of the moments")
     p.add_argument("--vae-dtype", choices=["float32", "float16", "bfloat16"], default="float32",
                    help="compute dtype of the encoder (float16/bfloat16 for GPUs)")
-    p.add_argument("--device", default=None, help="e.g. cpu, cuda (default: the process's accelerator, else cpu)")
+    p.add_argument("--device", type=device_arg, default="auto",
+                   help="auto (the process's accelerator, else cpu), cpu, cuda, cuda:1, ...")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     args = p.parse_args(argv)
 
     report = extract_latents(
         args.data, args.out, vae=args.vae, split=args.split, image_size=args.image_size, batch_size=args.batch_size,
         num_workers=args.num_workers, shard_size=args.shard_size, flip=not args.no_flip, limit=args.limit,
-        dtype=args.dtype, device=args.device, vae_dtype=getattr(torch, args.vae_dtype),
-        progress=not args.no_progress)
+        dtype=args.dtype, device=None if args.device == "auto" else args.device,
+        vae_dtype=getattr(torch, args.vae_dtype), progress=not args.no_progress)
 
     if report.is_main_process:
         print(report.format())

@@ -22,7 +22,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="continue the latest checkpoint of the run dir ('auto') or a given checkpoint")
     parser.add_argument("overrides", nargs="*", metavar="section.field=value",
                         help="config overrides, e.g. train.lr=2e-4 model.name=DiT-B/2")
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)  # overrides may come before and after the options
 
     from latentdit.config import load_config
     from latentdit.training import train

@@ -1,0 +1,176 @@
+"""Processes started by a launcher (``accelerate launch``, ``torchrun``, ``python -m latentdit.launch``).
+
+Two concerns live here:
+
+- **No process left behind.** A worker whose launcher dies (killed, or its terminal closed) is
+  re-parented and would otherwise keep running, or wait forever in a collective call for peers
+  that are gone. :func:`watch_launcher` (called by :func:`latentdit.cli.run_main` in every tool)
+  asks the kernel for a signal when the parent dies (``prctl(PR_SET_PDEATHSIG)``) and starts a
+  thread that polls ``getppid()``; either way the worker prints one line and exits. A peer that
+  dies while the launcher lives is handled by the launcher, which stops the other workers.
+- **One message, exit status 2.** A user error in a worker is printed by rank 0 only and also
+  written to the launcher's per-worker error file (``TORCHELASTIC_ERROR_FILE``), so plain
+  ``accelerate launch`` shows it in its failure table. ``accelerate launch`` itself still ends with
+  its own traceback and exit status 1: it re-raises the worker failure and nothing a worker does
+  can change that. :func:`launch_main` (``python -m latentdit.launch``, same arguments as
+  ``accelerate launch``) runs accelerate's launcher in this process and turns a worker's user
+  error into that one line and exit status 2.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from typing import Sequence
+
+#: Environment variables that only a launcher sets in its workers (torchrun / accelerate's launchers).
+LAUNCHER_ENV = ("TORCHELASTIC_RUN_ID", "ACCELERATE_DYNAMO_BACKEND")
+#: Set by torchrun (and so by ``accelerate launch --multi_gpu``): where a worker leaves its error message.
+ERROR_FILE_ENV = "TORCHELASTIC_ERROR_FILE"
+#: Seconds between two checks of the parent process.
+WATCH_INTERVAL_S = 1.0
+#: Exit status of a worker that stops because its launcher is gone (not a user error).
+EXIT_LAUNCHER_GONE = 1
+EXIT_USER_ERROR = 2
+
+_PR_SET_PDEATHSIG = 1
+_PARENT_DEATH_SIGNAL = signal.SIGUSR1
+_watching = False
+
+
+def rank() -> int:
+    """Global rank of this process under a launcher (0 without one)."""
+    return int(os.environ.get("RANK", os.environ.get("LOCAL_RANK", "0")))
+
+
+def launched_by_launcher() -> bool:
+    """True in a worker process started by ``accelerate launch``, ``torchrun`` or ``latentdit.launch``."""
+    return any(name in os.environ for name in LAUNCHER_ENV)
+
+
+def program_name() -> str:
+    """The running tool's file name, used as the prefix of its messages."""
+    return os.path.basename(sys.argv[0]) if sys.argv and sys.argv[0] else "latentdit"
+
+
+def one_line(text: str) -> str:
+    """``text`` with its lines joined: a message the user reads is one line."""
+    return " ".join(part.strip() for part in str(text).splitlines() if part.strip())
+
+
+def report_user_error(message: str) -> None:
+    """Print ``prog: error: message`` on rank 0 (other ranks stay silent), and leave it in this worker's
+    launcher error file where one is set, so the launcher can show it whichever rank failed."""
+    line = f"{program_name()}: error: {one_line(message)}"
+    if rank() == 0:
+        print(line, file=sys.stderr, flush=True)
+    path = os.environ.get(ERROR_FILE_ENV)
+    if path:
+        try:
+            with open(path, "w") as f:
+                json.dump({"message": line, "timestamp": int(time.time())}, f)
+        except OSError:
+            pass  # the message was printed (rank 0) or the launcher reports the exit status
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The worker side: stop when the launcher is gone
+
+
+def watch_launcher(interval: float = WATCH_INTERVAL_S) -> bool:
+    """In a launched worker: exit with a message as soon as the launcher (the parent) dies.
+
+    Returns True if watching (a launched worker), False otherwise (nothing is done). Call it once, from
+    the main thread, before any collective call.
+    """
+    global _watching
+    if _watching or not launched_by_launcher():
+        return _watching
+    parent = os.getppid()
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(_PARENT_DEATH_SIGNAL, lambda signum, frame: _launcher_gone(parent))
+        _set_parent_death_signal(_PARENT_DEATH_SIGNAL)
+    if os.getppid() != parent or parent == 1:  # the launcher died before the request above took effect
+        _launcher_gone(parent)
+    thread = threading.Thread(target=_poll_parent, args=(parent, interval), name="latentdit-launcher-watch",
+                              daemon=True)
+    thread.start()
+    _watching = True
+    return True
+
+
+def _set_parent_death_signal(signum: int) -> None:
+    """``prctl(PR_SET_PDEATHSIG, signum)`` on Linux; elsewhere the polling thread alone does the job."""
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(_PR_SET_PDEATHSIG, int(signum), 0, 0, 0)
+    except (OSError, AttributeError):
+        pass
+
+
+def _poll_parent(parent: int, interval: float) -> None:
+    while True:
+        time.sleep(interval)
+        if os.getppid() != parent:
+            _launcher_gone(parent)
+
+
+def _launcher_gone(parent: int) -> None:
+    print(f"{program_name()}: error: process {rank()} stops: its launcher (process {parent}) has gone away",
+          file=sys.stderr, flush=True)
+    os._exit(EXIT_LAUNCHER_GONE)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The launcher side: python -m latentdit.launch
+
+
+def launch_main(argv: Sequence[str] | None = None) -> int:
+    """``accelerate launch`` run in this process, with a worker's user error shown once and exit status 2.
+
+    Takes exactly ``accelerate launch``'s arguments. Returns the exit status: 0, 2 when a worker reported
+    a user error, else the failing worker's status (128 + signal number for a signal).
+    """
+    from accelerate.commands.launch import launch_command, launch_command_parser
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+
+    parser = launch_command_parser()
+    parser.prog = "python -m latentdit.launch"
+    args = parser.parse_args(argv)
+    # the elastic agent logs every worker failure and every stop signal it sends: the workers' own
+    # output says what went wrong, and the summary below says which process failed
+    logging.getLogger("torch.distributed.elastic").setLevel(logging.CRITICAL)
+    try:
+        launch_command(args)
+    except ChildFailedError as e:
+        return _report_failures({r: (f.exitcode, f.message) for r, f in e.failures.items()})
+    except subprocess.CalledProcessError as e:  # one process: it printed its own message
+        return _report_failures({0: (e.returncode, None)})
+    return 0
+
+
+def _report_failures(failures: dict[int, tuple[int, object]]) -> int:
+    """Exit status for the failed workers ``{rank: (exit code, error-file message)}``; prints what the
+    workers did not print themselves."""
+    user = {r: msg for r, (code, msg) in failures.items() if code == EXIT_USER_ERROR}
+    if user:
+        if 0 not in user:  # rank 0 prints its own user errors; another rank's message is in its error file
+            rank_, message = min(user.items())
+            text = message if isinstance(message, str) and message else (
+                f"process {rank_} stopped with a user error (exit status {EXIT_USER_ERROR})")
+            print(one_line(text), file=sys.stderr, flush=True)
+        return EXIT_USER_ERROR
+    rank_, (code, _) = min(failures.items())
+    status = 128 - code if code < 0 else code
+    how = f"signal {-code}" if code < 0 else f"exit status {code}"
+    print(f"latentdit.launch: process {rank_} failed ({how}); its output is above", file=sys.stderr, flush=True)
+    return status or 1
