@@ -290,7 +290,8 @@ def apply_overrides(data: dict[str, Any], overrides: Sequence[str],
             try:
                 value = yaml.safe_load(raw) if raw.strip() else None
             except yaml.YAMLError as e:
-                raise LatentDiTError(f"config override {text!r}: could not parse value ({e})") from e
+                raise LatentDiTError(f"config override {text!r}: could not parse the value: "
+                                     f"{yaml_error_text(e, 'value')}") from e
             value = _coerce(value, hints[key], f"config override {text!r}: field '{section}.{key}'")
         sec = data.get(section)
         if not isinstance(sec, dict):
@@ -307,14 +308,33 @@ def read_config_file(path: str | os.PathLike | None) -> tuple[Any, str]:
         return {}, "config"
     p = Path(path).expanduser()
     if not p.is_file():
-        raise LatentDiTError(f"config file not found: {p}")
+        raise LatentDiTError(f"config file not found: {p}" if not p.exists() else
+                             f"config file {p} is a folder; expected a YAML file")
     try:
-        data = yaml.safe_load(p.read_text()) or {}
+        data = yaml.safe_load(p.read_bytes().decode("utf-8")) or {}
+    except UnicodeDecodeError as e:
+        raise LatentDiTError(f"config file {p} is not UTF-8 text (byte {e.start}); expected a YAML file") from e
     except yaml.YAMLError as e:
-        raise LatentDiTError(f"config file {p} is not valid YAML: {e}") from e
-    if isinstance(data, dict) and "name" not in data:
+        raise LatentDiTError(f"{yaml_error_text(e, str(p))} (config file {p} is not valid YAML)") from e
+    if not isinstance(data, dict):
+        raise LatentDiTError(f"config file {p}: expected a mapping of sections (section: {{field: value}}) at "
+                             f"the top level, got {type(data).__name__}")
+    if "name" not in data:
         data["name"] = p.stem
     return data, str(p)
+
+
+def yaml_error_text(e: Exception, source: str) -> str:
+    """``source:line:column: problem`` (one line) for a YAML parse error; PyYAML's own text spans several lines."""
+    mark = getattr(e, "problem_mark", None)
+    problem = getattr(e, "problem", None) or " ".join(str(e).split())
+    where = f"{source}:{mark.line + 1}:{mark.column + 1}" if mark is not None else source
+    context, context_mark = getattr(e, "context", None), getattr(e, "context_mark", None)
+    if context and context_mark is not None:
+        problem += f" ({context} from line {context_mark.line + 1})"
+    elif context:
+        problem += f" ({context})"
+    return f"{where}: {problem}"
 
 
 def load_config(path: str | os.PathLike | None, overrides: Sequence[str] = ()) -> Config:
@@ -343,6 +363,9 @@ def save_config(cfg: Config, path: str | os.PathLike) -> None:
 
 def validate_config(cfg: Config, source: str = "config") -> None:
     """Range and choice checks that do not depend on the data (those live in the trainer)."""
+    from latentdit.diffusion.flow import LOSS_WEIGHTINGS, PREDICTIONS, TIME_SAMPLINGS
+    from latentdit.diffusion.process import PROCESSES
+    from latentdit.models.dit import MLPS, NORMS, POSITIONS
 
     def fail(name: str, expected: str, got: Any) -> None:
         raise LatentDiTError(f"{source}: field '{name}': expected {expected}, got {got!r}")
@@ -363,9 +386,6 @@ def validate_config(cfg: Config, source: str = "config") -> None:
     if not 1 <= d.sample_steps <= d.diffusion_steps:
         fail("diffusion.sample_steps", f"an integer in [1, diffusion.diffusion_steps={d.diffusion_steps}]",
              d.sample_steps)
-    from latentdit.diffusion.flow import LOSS_WEIGHTINGS, PREDICTIONS, TIME_SAMPLINGS
-    from latentdit.diffusion.process import PROCESSES
-    from latentdit.models.dit import MLPS, NORMS, POSITIONS
     for name, choices in (("process", PROCESSES), ("prediction", PREDICTIONS),
                           ("time_sampling", TIME_SAMPLINGS), ("loss_weighting", LOSS_WEIGHTINGS)):
         if getattr(d, name) not in choices:

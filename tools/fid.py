@@ -14,7 +14,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Sequence
 
-from latentdit.cli import existing_file, existing_path, make_parser, non_negative_int, positive_int, run_main
+from latentdit.cli import (device_arg, existing_file, existing_path, make_parser, non_negative_int, positive_int,
+                           run_main)
 from latentdit.errors import LatentDiTError
 from latentdit.io import write_json
 from latentdit.metrics import compute_metrics, default_cache_dir, load_source, save_stats
@@ -27,7 +28,8 @@ def build_parser():
     p.add_argument("b", type=existing_path, metavar="B", nargs="?", default=None,
                    help="evaluated set (same kinds as A); omit to only --save-stats of A")
     p.add_argument("--batch-size", type=positive_int, default=50, help="images per Inception forward")
-    p.add_argument("--device", default="auto", help="auto (GPU when available), cpu, cuda, cuda:1, ...")
+    p.add_argument("--device", type=device_arg, default="auto",
+                   help="auto (GPU when available), cpu, cuda, cuda:1, ...")
     p.add_argument("--num-workers", type=non_negative_int, default=0, help="image-decoding workers for folders")
     p.add_argument("--kid-subsets", type=positive_int, default=100, help="KID: number of random subsets")
     p.add_argument("--kid-subset-size", type=positive_int, default=1000, help="KID: subset size (capped at the set sizes)")

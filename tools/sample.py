@@ -3,6 +3,7 @@
     python tools/sample.py --ckpt runs/demo/ema.safetensors --labels Trouser,Bag,7 --cfg-scale 4 --out grid.png
     python tools/sample.py --ckpt DiT-XL-2-256x256.pt --vae stabilityai/sd-vae-ft-ema --labels 207,360 \\
         --guided-channels 3 --sampler dpm-solver --num-steps 25
+    python tools/sample.py --ckpt runs/flow/ema.safetensors --sampler heun --num-steps 20   # a flow model
 """
 
 from __future__ import annotations
@@ -11,7 +12,8 @@ from pathlib import Path
 from typing import Sequence
 
 from latentdit import sampling as S
-from latentdit.cli import existing_path, make_parser, non_negative_int, non_negative_float, positive_int, run_main
+from latentdit.cli import (device_arg, existing_path, make_parser, non_negative_int, positive_int,
+                           run_main)
 
 
 def build_parser():
@@ -22,20 +24,14 @@ def build_parser():
     p.add_argument("--labels", default=None,
                    help="comma-separated class ids or names, e.g. 0,3,Trouser (default: every class, up to 16)")
     p.add_argument("--samples-per-label", type=positive_int, default=8, help="images per label (one grid row)")
-    p.add_argument("--cfg-scale", type=non_negative_float, default=4.0, help="guidance scale; 1 skips the uncond pass")
-    p.add_argument("--guidance-interval", default=None,
-                   help="LO,HI: guide only at original timestep indices LO..HI (inclusive)")
-    p.add_argument("--guided-channels", default="all", help="'all' or k: guide only the first k latent channels "
-                   "(3 = the released DiT code's behaviour)")
-    p.add_argument("--sampler", choices=S.SAMPLERS, default="ddpm")
-    p.add_argument("--num-steps", type=positive_int, default=None,
-                   help=f"sampling steps (default per sampler: {S.DEFAULT_NUM_STEPS})")
+    S.add_label_table_arguments(p)
+    S.add_sampler_arguments(p, cfg_scale=4.0)
     p.add_argument("--seed", type=non_negative_int, default=0)
     p.add_argument("--vae", default=None,
                    help="VAE: bundled name, local folder or hub id (default: the checkpoint's, else the bundled one)")
     p.add_argument("--out", type=Path, default=Path("samples.png"), help="grid PNG to write")
     p.add_argument("--save-individual", type=Path, default=None, metavar="DIR", help="also write one PNG per sample")
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
+    p.add_argument("--device", type=device_arg, default="auto", help="auto, cpu, cuda, cuda:1, ...")
     p.add_argument("--precision", choices=("auto", "fp32", "fp16", "bf16"), default="auto",
                    help="autocast dtype on GPU (auto: bf16 on GPU, fp32 on CPU)")
     p.add_argument("--batch-size", type=positive_int, default=32, help="samples per forward batch")
@@ -48,22 +44,19 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     device = S.resolve_device(args.device)
     dtype = S.resolve_dtype(args.precision, device)
-    ckpt = S.load_model_for_sampling(args.ckpt, args.model, device=device)
+    ckpt = S.load_model_for_sampling(args.ckpt, args.model, device=device, num_classes=args.num_classes,
+                                      null_class=not args.no_null_class)
     labels = (S.parse_labels(args.labels, ckpt.num_classes, ckpt.class_names) if args.labels is not None
               else S.default_labels(ckpt.num_classes))
-    interval = S.parse_guidance_interval(args.guidance_interval, ckpt.diffusion_steps)
-    guided = S.parse_guided_channels(args.guided_channels, ckpt.model.in_channels)
-    num_steps = S.check_sampler(args.sampler, args.num_steps, ckpt.diffusion_steps)
+    settings = S.settings_from_args(args).resolved(ckpt.process, ckpt.model.in_channels)
     vae = S.load_vae_for(ckpt, args.vae, device=device)
 
     per_sample = [lab for lab in labels for _ in range(args.samples_per_label)]
     print(f"sampling {len(per_sample)} images ({len(labels)} labels × {args.samples_per_label}) from {ckpt.path} "
-          f"with {args.sampler}-{num_steps}, cfg {args.cfg_scale}, on {device}", flush=True)
+          f"({ckpt.process.name} model) with {settings.describe()}, on {device}", flush=True)
     latents = S.sample_seeded(
-        ckpt.model, per_sample, seed=args.seed, batch_size=args.batch_size, progress=True,
-        cfg_scale=args.cfg_scale, sampler=args.sampler, num_steps=num_steps, guided_channels=guided,
-        guidance_interval=interval, device=device, dtype=dtype, noise_schedule=ckpt.noise_schedule,
-        diffusion_steps=ckpt.diffusion_steps,
+        ckpt.model, per_sample, settings, process=ckpt.process, seed=args.seed, batch_size=args.batch_size,
+        progress=True, device=device, dtype=dtype,
     )
     images = S.decode_images(vae, latents.to(device), batch_size=args.batch_size)
     names = [S.label_text(lab, ckpt.class_names) for lab in labels]
