@@ -2,14 +2,16 @@
 
 - :func:`load_state_dict_file` reads a ``.pt``/``.pth`` (``torch.load(weights_only=True)``) or a
   safetensors file (recognised by content, not suffix), unwraps ``{"ema": ...}`` (preferred),
-  ``{"model": ...}`` or ``{"state_dict": ...}`` train checkpoints, and strips ``module.`` (DDP) and
-  ``_orig_mod.`` (``torch.compile``) key prefixes.
+  ``{"model": ...}`` or ``{"state_dict": ...}`` train checkpoints (the released train.py's
+  ``{"model", "ema", "opt", "args"}`` included: its ``argparse.Namespace`` is the only pickled class
+  allowed), and strips ``module.`` (DDP) and ``_orig_mod.`` (``torch.compile``) key prefixes.
 - :func:`save_dit` writes safetensors with the model config as JSON in metadata key ``latentdit_model``.
 - :func:`load_dit` rebuilds the model from that metadata, or, for files without it (the released
   checkpoints), from the tensor shapes: input size from ``pos_embed`` (tokens × patch), patch size,
   channels and hidden size from ``x_embedder.proj.weight``, depth from the block indices, classes from
   the label table (``rows − 1`` with a null row and ``class_dropout_prob`` 0.1 whenever ``rows ≥ 2``;
-  pass ``class_dropout_prob=0`` or ``num_classes`` to say otherwise) and ``learn_sigma`` from
+  pass ``class_dropout_prob=0`` or ``num_classes`` to say otherwise, see :func:`label_table_overrides`)
+  and ``learn_sigma`` from
   ``final_layer.linear`` (``patch² · 2 · in_channels`` outputs). Head count cannot be read from
   shapes: it comes from ``model_name``, a ``num_heads`` override, or the registry's head count for
   that hidden size. Loading is strict; a mismatch names the missing, unexpected and wrong-shape keys.
@@ -17,6 +19,7 @@
 
 from __future__ import annotations
 
+import argparse
 import inspect
 import json
 import os
@@ -39,6 +42,9 @@ META_CLASS_NAMES = "latentdit_class_names"    # list of class names, index = cla
 META_VAE = "latentdit_vae"                    # the VAE spec the latents came from
 META_DIFFUSION = "latentdit_diffusion"        # {"noise_schedule": ..., "diffusion_steps": ...}
 _WRAPPER_KEYS = ("ema", "model", "state_dict")
+#: The one class besides tensors and containers a ``.pt`` checkpoint may hold: the released DiT
+#: train.py saves ``{"model", "ema", "opt", "args"}`` with ``args`` an ``argparse.Namespace``.
+CHECKPOINT_GLOBALS = (argparse.Namespace,)
 _PREFIXES = ("module.", "_orig_mod.")
 _DIT_ARGS = [p for p in inspect.signature(DiT.__init__).parameters if p != "self"]
 
@@ -61,7 +67,7 @@ def read_checkpoint(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], d
     if _is_safetensors(path):
         obj, metadata = load_safetensors(path)
     else:
-        obj = torch_load(path, "checkpoint")
+        obj = torch_load(path, "checkpoint", allowed_globals=CHECKPOINT_GLOBALS)
     if isinstance(obj, Mapping):
         for key in _WRAPPER_KEYS:
             if isinstance(obj.get(key), Mapping):
@@ -150,6 +156,13 @@ def infer_config(state: Mapping[str, torch.Tensor], model_name: str | None = Non
     if "num_classes" in overrides:
         num_classes = overrides["num_classes"]
         dropout = overrides.get("class_dropout_prob", 0.1 if rows == num_classes + 1 else 0.0)
+        if rows != num_classes + int(dropout > 0):
+            if "class_dropout_prob" not in overrides:
+                expected = f"{num_classes} rows without a null row or {num_classes + 1} with one"
+            else:
+                expected = f"{num_classes + int(dropout > 0)} rows ({'with' if dropout > 0 else 'without'} a null row)"
+            raise LatentDiTError(f"checkpoint {source}: its label table y_embedder.embedding_table has {rows} rows; "
+                                 f"{num_classes} classes need {expected}")
     elif overrides.get("class_dropout_prob", 0.1) == 0:
         num_classes, dropout = rows, 0.0
     elif rows >= 2:
@@ -175,6 +188,24 @@ def infer_config(state: Mapping[str, torch.Tensor], model_name: str | None = Non
         config["num_heads"] = heads
     config.update(overrides)
     return config
+
+
+def label_table_overrides(num_classes: int | None = None, null_class: bool = True) -> dict[str, Any]:
+    """:func:`load_dit` overrides saying how to read the label table of a file without metadata.
+
+    ``null_class=False``: the table has no unconditional row (a model trained with
+    ``class_dropout_prob`` 0), so every row is a class; the default reads the last row as the null
+    class. ``num_classes``: the number of real classes; the null row is then present exactly when
+    the table has one row more.
+    """
+    overrides: dict[str, Any] = {}
+    if num_classes is not None:
+        if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
+            raise LatentDiTError(f"num_classes must be a positive integer, got {num_classes!r}")
+        overrides["num_classes"] = num_classes
+    if not null_class:
+        overrides["class_dropout_prob"] = 0.0
+    return overrides
 
 
 def _config_from_metadata(metadata: Mapping[str, str], source: str) -> dict[str, Any] | None:

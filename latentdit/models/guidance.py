@@ -38,6 +38,17 @@ def check_cfg_scale(cfg_scale: float) -> float:
     return s
 
 
+def check_guidance_possible(model: nn.Module, cfg_scale: float) -> float:
+    """Validate ``cfg_scale`` for ``model``: any scale but 1 needs the model's null (unconditional) class row."""
+    s = check_cfg_scale(cfg_scale)
+    base = unwrap_model(model)
+    if s != 1.0 and not base.y_embedder.has_null:
+        raise LatentDiTError(f"cfg scale {s:g} needs the model's null (unconditional) class row, but this DiT has "
+                             f"none (trained with class_dropout_prob 0, or loaded with --no-null-class): sample "
+                             f"with cfg scale 1 (--cfg-scale 1)")
+    return s
+
+
 def guided_forward(model: nn.Module, x: torch.Tensor, t: torch.Tensor | float, y: torch.Tensor,
                    cfg_scale: float, guided_channels: int | None = None) -> torch.Tensor:
     """Guided model output, shaped like ``model(x, t, y)``.
