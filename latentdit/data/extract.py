@@ -29,12 +29,13 @@ from latentdit.data.latents import (
     check_settings,
     list_shards,
     num_shards,
+    read_manifest,
     read_shard_metadata,
     shard_name,
     shard_range,
 )
 from latentdit.errors import LatentDiTError
-from latentdit.io import read_json, save_safetensors, write_json
+from latentdit.io import save_safetensors, write_json
 
 FASHION_MNIST_PREPROCESSING = ("Fashion-MNIST 28x28 grey, PIL bicubic resize to image_size, grey repeated to "
                                "RGB, scale to [-1, 1]")
@@ -166,8 +167,12 @@ def _check_existing(out: Path, settings: dict[str, Any]) -> tuple[dict[str, Any]
     """Compare ``settings`` with the manifest and every existing shard; returns (manifest, shards)."""
     manifest = None
     if (out / MANIFEST_NAME).is_file():
-        manifest = read_json(out / MANIFEST_NAME, "latent manifest")
-        check_settings(manifest.get("settings", {}), settings, f"{out / MANIFEST_NAME}")
+        manifest = read_manifest(out)
+        recorded = manifest.get("settings")
+        if not isinstance(recorded, dict):
+            raise LatentDiTError(f"{out / MANIFEST_NAME}: field 'settings': expected the extraction settings (a "
+                                 f"mapping), got {type(recorded).__name__}; use another --out directory")
+        check_settings(recorded, settings, f"{out / MANIFEST_NAME}")
     shards = list_shards(out)
     expected = num_shards(settings["num_items"], settings["shard_size"])
     for k, path in shards.items():
@@ -353,7 +358,7 @@ def extract_latents(
         write_json(out / MANIFEST_NAME, manifest)
     barrier()
     if manifest is None:
-        manifest = read_json(out / MANIFEST_NAME, "latent manifest")
+        manifest = read_manifest(out)
 
     written = sum(g[2] for g in gathered)
     size = sum(p.stat().st_size for p in list_shards(out).values()) + (out / MANIFEST_NAME).stat().st_size

@@ -140,11 +140,53 @@ def read_manifest(root: str | os.PathLike) -> dict[str, Any]:
         raise LatentDiTError(f"no {MANIFEST_NAME} and no latent shards in {root}: run tools/extract.py first")
     manifest = read_json(path, "latent manifest")
     if not isinstance(manifest, dict) or manifest.get("format") != "latentdit-latents":
-        raise LatentDiTError(f"{path} is not a latentdit latent manifest")
+        got = "a mapping without format: latentdit-latents" if isinstance(manifest, dict) else type(manifest).__name__
+        raise LatentDiTError(f"{path} is not a latentdit latent manifest: expected a JSON object with "
+                             f"format: latentdit-latents, got {got}")
     if manifest.get("format_version") != FORMAT_VERSION:
         raise LatentDiTError(f"{path} has format_version {manifest.get('format_version')!r}; this version of "
                              f"latentdit reads format_version {FORMAT_VERSION}. Extract the latents again.")
+    check_manifest_fields(manifest, path)
     return manifest
+
+
+def _is_int(v: Any, minimum: int = 0) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v >= minimum
+
+
+#: Fields of a manifest that readers rely on: (name, what is expected, check).
+MANIFEST_FIELDS: tuple[tuple[str, str, Any], ...] = (
+    ("latent_shape", "a list of 3 positive integers [C, h, w]",
+     lambda v: isinstance(v, list) and len(v) == 3 and all(_is_int(x, 1) for x in v)),
+    ("num_classes", "a positive integer", lambda v: _is_int(v, 1)),
+    ("class_names", "a list of class names (strings)",
+     lambda v: isinstance(v, list) and all(isinstance(x, str) for x in v)),
+    ("num_items", "an integer >= 0", _is_int),
+    ("image_size", "a positive integer", lambda v: _is_int(v, 1)),
+    ("scaling_factor", "a positive number",
+     lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0),
+    ("flip", "true or false", lambda v: isinstance(v, bool)),
+    ("dtype", f"one of {', '.join(STORAGE_DTYPES)}", lambda v: v in STORAGE_DTYPES),
+    ("vae", "a mapping with the VAE's 'spec'", lambda v: isinstance(v, dict) and isinstance(v.get("spec"), str)),
+    ("shards", "a list of {file, count} entries",
+     lambda v: isinstance(v, list) and all(isinstance(e, dict) and isinstance(e.get("file"), str)
+                                           and _is_int(e.get("count")) for e in v)),
+)
+
+
+def check_manifest_fields(manifest: Mapping[str, Any], path: str | os.PathLike) -> None:
+    """Raise :class:`LatentDiTError` naming the first missing or ill-typed field of a latent manifest."""
+    for name, expected, ok in MANIFEST_FIELDS:
+        if name not in manifest:
+            raise LatentDiTError(f"{path}: field '{name}' is missing (expected {expected}); the manifest is "
+                                 "damaged: extract the latents again")
+        if not ok(manifest[name]):
+            raise LatentDiTError(f"{path}: field '{name}': expected {expected}, got {_short(manifest[name])}; "
+                                 "the manifest is damaged: extract the latents again")
+    if manifest["num_classes"] != len(manifest["class_names"]):
+        raise LatentDiTError(f"{path}: field 'num_classes' is {manifest['num_classes']} but 'class_names' lists "
+                             f"{len(manifest['class_names'])} names; the manifest is damaged: extract the latents "
+                             "again")
 
 
 def item_seed(seed: int, epoch: int, index: int) -> int:

@@ -64,6 +64,9 @@ class CheckpointManager:
 
     def __init__(self, run_dir: str | os.PathLike, keep_last: int = 2, milestone_every: int = 0) -> None:
         self.run_dir = Path(run_dir)
+        if self.run_dir.exists() and not self.run_dir.is_dir():
+            raise LatentDiTError(f"run folder {self.run_dir} exists and is a file; expected a folder (or a path "
+                                 "that does not exist yet): choose another run folder")
         self.dir = self.run_dir / CHECKPOINTS_DIRNAME
         self.keep_last = keep_last
         self.milestone_every = milestone_every
@@ -188,8 +191,13 @@ def resolve_resume(spec: str | None, run_dir: str | os.PathLike) -> Path | None:
 # --------------------------------------------------------------------------------------------
 
 def weights_metadata(model_config: Mapping[str, Any], class_names: list[str] | None,
-                     vae: str | None = None, diffusion: Mapping[str, Any] | None = None) -> dict[str, str]:
+                     vae: str | None = None, diffusion: Mapping[str, Any] | None = None,
+                     process: Mapping[str, Any] | None = None) -> dict[str, str]:
+    from latentdit.diffusion import META_PROCESS
+
     meta = {META_MODEL: json.dumps(dict(model_config), sort_keys=True)}
+    if process is not None:
+        meta[META_PROCESS] = json.dumps(dict(process), sort_keys=True)
     if class_names is not None:
         meta[META_CLASS_NAMES] = json.dumps(list(class_names))
     if vae is not None:
@@ -201,11 +209,13 @@ def weights_metadata(model_config: Mapping[str, Any], class_names: list[str] | N
 
 def save_weights(state_dict: Mapping[str, torch.Tensor], path: str | os.PathLike,
                  model_config: Mapping[str, Any], class_names: list[str] | None = None,
-                 vae: str | None = None, diffusion: Mapping[str, Any] | None = None) -> None:
-    """Safetensors with the model config (and class names, VAE spec, noise schedule) in the metadata,
-    so ``latentdit.models.checkpoint.load_dit`` and the sampling tools work from the file alone."""
+                 vae: str | None = None, diffusion: Mapping[str, Any] | None = None,
+                 process: Mapping[str, Any] | None = None) -> None:
+    """Safetensors with the model config (and class names, VAE spec, noise schedule, the training
+    process's ``metadata()``) in the metadata, so ``latentdit.models.checkpoint.load_dit`` and the
+    sampling tools work from the file alone."""
     tensors = {k: v.detach().to("cpu") for k, v in state_dict.items()}
-    save_safetensors(tensors, path, weights_metadata(model_config, class_names, vae, diffusion))
+    save_safetensors(tensors, path, weights_metadata(model_config, class_names, vae, diffusion, process))
 
 
 def read_state(ckpt: Path) -> dict[str, Any]:
@@ -215,6 +225,53 @@ def read_state(ckpt: Path) -> dict[str, Any]:
         raise LatentDiTError(f"checkpoint state {ckpt / STATE_FILE} has no {' or '.join(map(repr, missing))}; "
                              "it is not a training checkpoint")
     return state
+
+
+#: What a run's latents must keep across a resume: the latent space (the VAE and its scaling), the images it
+#: encoded (size, preprocessing), the latent shape and the meaning of the labels.
+LATENT_IDENTITY_FIELDS = ("vae", "scaling_factor", "image_size", "preprocessing", "latent_shape", "class_names")
+
+
+def latents_identity(manifest: Mapping[str, Any]) -> dict[str, Any]:
+    """The parts of a latent manifest that a checkpoint records (``state.json``'s ``latents``) and a resume
+    checks with :func:`check_resume_latents`."""
+    ident = {name: manifest.get(name) for name in LATENT_IDENTITY_FIELDS}
+    vae = manifest.get("vae") or {}
+    ident["vae"] = {k: vae.get(k) for k in ("spec", "config_sha256", "weights_sha256")}
+    return ident
+
+
+def _vae_text(ident: Mapping[str, Any]) -> str:
+    vae = ident.get("vae") or {}
+    weights = str(vae.get("weights_sha256") or "?")[:12]
+    return f"VAE {vae.get('spec')!r} (weights sha256 {weights}..., scaling factor {ident.get('scaling_factor')})"
+
+
+def check_resume_latents(state: Mapping[str, Any], manifest: Mapping[str, Any], ckpt: str | os.PathLike,
+                         latents: str | os.PathLike) -> None:
+    """Refuse to resume checkpoint ``ckpt`` (its ``state``) on latents (``manifest`` of folder ``latents``)
+    that were made differently from the ones it was trained on. Checkpoints that predate the record pass."""
+    saved = state.get("latents")
+    if not isinstance(saved, dict):
+        return
+    now = latents_identity(manifest)
+    fix = ("point data.latents at latents extracted the same way, or start a new run with another "
+           "train.run_dir")
+    old_vae, new_vae = saved.get("vae") or {}, now["vae"]
+    if (any(old_vae.get(k) != new_vae.get(k) for k in ("config_sha256", "weights_sha256"))
+            or saved.get("scaling_factor") != now["scaling_factor"]):
+        raise LatentDiTError(f"cannot resume from {ckpt}: it was trained on latents of {_vae_text(saved)}, but "
+                             f"data.latents={latents} holds latents of {_vae_text(now)}; {fix}")
+    for name in LATENT_IDENTITY_FIELDS:
+        if name != "vae" and saved.get(name) != now[name]:
+            raise LatentDiTError(f"cannot resume from {ckpt}: it was trained on latents with {name} "
+                                 f"{_short(saved.get(name))}, but data.latents={latents} has {name} "
+                                 f"{_short(now[name])}; {fix}")
+
+
+def _short(value: Any) -> str:
+    text = json.dumps(value, default=str)
+    return text if len(text) <= 120 else text[:117] + "..."
 
 
 def rng_state() -> dict[str, Any]:
