@@ -32,7 +32,8 @@ from typing import Sequence
 
 import numpy as np
 
-from latentdit.errors import LatentDiTError
+from latentdit.distributed import EXIT_USER_ERROR
+from latentdit.errors import LatentDiTError, ReportedError
 from latentdit.io import atomic_path, read_json, write_json
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -90,13 +91,10 @@ def _display(cmd: Sequence[str]) -> str:
 
 
 def _accelerate_launch() -> list[str]:
-    """``accelerate launch`` for one CPU/GPU process, with the defaults spelled out (no config file needed)."""
-    exe = Path(sys.executable).with_name("accelerate")
-    launcher = [str(exe)] if exe.exists() else [sys.executable, "-m", "accelerate.commands.launch"]
-    if exe.exists():
-        launcher.append("launch")
-    return launcher + ["--num_processes", "1", "--num_machines", "1", "--mixed_precision", "no",
-                       "--dynamo_backend", "no"]
+    """``accelerate launch`` for one CPU/GPU process, with the defaults spelled out (no config file needed),
+    through ``python -m latentdit.launch``: a user error in the worker ends in its one line and exit status 2."""
+    return [sys.executable, "-m", "latentdit.launch", "--num_processes", "1", "--num_machines", "1",
+            "--mixed_precision", "no", "--dynamo_backend", "no"]
 
 
 def _fmt_scale(s: float) -> str:
@@ -146,6 +144,8 @@ class Demo:
         start = time.perf_counter()
         proc = subprocess.run(cmd, cwd=REPO_ROOT)
         seconds = time.perf_counter() - start
+        if proc.returncode == EXIT_USER_ERROR:  # the stage printed its one-line message
+            raise ReportedError(f"demo stage '{name}' stopped on a user error")
         if proc.returncode != 0:
             raise LatentDiTError(f"demo stage '{name}' failed (exit status {proc.returncode}); its output is above. "
                                  f"Fix the problem and run the demo again: finished stages are kept. Command: {shown}")
@@ -203,12 +203,15 @@ class Demo:
                      f"delete {self.run_dir} to train again")
             return
         cmd = _accelerate_launch() + [_tool("train.py"), "--config", str(DEMO_CONFIG), "--resume", "auto",
-                                      f"data.latents={self.latents_dir}", f"train.run_dir={self.run_dir}",
-                                      f"train.max_minutes={self.s.train_minutes:g}",
-                                      f"data.flip={str(self.s.flip).lower()}", f"train.seed={self.s.seed}",
-                                      *self.s.train_overrides]
+                                      *self.train_overrides()]
         self._run("train", cmd)
         self.train_done_marker.write_text(f"{self.checkpoint()}\n")
+
+    def train_overrides(self) -> list[str]:
+        """The config overrides of the training stage: the demo's own, then the user's."""
+        return [f"data.latents={self.latents_dir}", f"train.run_dir={self.run_dir}",
+                f"train.max_minutes={self.s.train_minutes:g}", f"data.flip={str(self.s.flip).lower()}",
+                f"train.seed={self.s.seed}", *self.s.train_overrides]
 
     def stage_grid(self) -> None:
         cmd = [sys.executable, _tool("sample.py"), "--ckpt", str(self.checkpoint()),
@@ -271,9 +274,7 @@ class Demo:
 
     def run(self, only: Sequence[str] | None = None) -> Path | None:
         stages = list(only) if only else list(STAGES)
-        unknown = [s for s in stages if s not in STAGES]
-        if unknown:
-            raise LatentDiTError(f"unknown demo stage(s) {unknown}; valid stages: {', '.join(STAGES)}")
+        self.check(stages)
         self.out.mkdir(parents=True, exist_ok=True)
         total = time.perf_counter()
         report = None
@@ -285,6 +286,33 @@ class Demo:
                     getattr(self, f"stage_{name}")()
         self.log(f"\ndemo finished in {(time.perf_counter() - total) / 60:.1f} min")
         return report
+
+
+    def check(self, stages: Sequence[str]) -> None:
+        """Everything the chosen stages need that is known now: raises :class:`LatentDiTError` before the first
+        stage instead of after minutes of work."""
+        from latentdit.config import load_config
+
+        unknown = [s for s in stages if s not in STAGES]
+        if unknown:
+            raise LatentDiTError(f"unknown demo stage(s) {unknown}; valid stages: {', '.join(STAGES)}")
+        if "train" in stages:  # the training overrides, checked as the training tool will check them
+            load_config(DEMO_CONFIG, self.train_overrides())
+        if "extract" not in stages and "train" in stages and not self.train_done_marker.exists() \
+                and not (self.latents_dir / "manifest.json").is_file():
+            raise LatentDiTError(f"nothing to train on: no latents in {self.latents_dir}; run the 'extract' "
+                                 "stage first (or the whole demo)")
+        if "train" not in stages and {"grid", "samples"} & set(stages):
+            self.checkpoint()
+        if "fid" in stages:
+            needed = [] if "reference" in stages else [self.reference_npz]
+            if "samples" not in stages:
+                needed += [self.samples_dir(scale) / "samples.npz" for scale in self.s.cfg_scales]
+            missing = [p for p in needed if not p.is_file()]
+            if missing:
+                stage = "reference" if missing[0] == self.reference_npz else "samples"
+                raise LatentDiTError(f"nothing to evaluate: {missing[0]} does not exist; run the '{stage}' stage "
+                                     "first (or the whole demo)")
 
 
 def _settings_json(s: DemoSettings) -> dict:

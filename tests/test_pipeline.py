@@ -30,7 +30,7 @@ def test_train_stage_uses_accelerate_and_resumes(tmp_path, monkeypatch):
     demo.stage_train()
     demo.stage_extract()
     (name, train_cmd), (_, extract_cmd) = seen
-    assert "launch" in train_cmd and str(REPO_ROOT / "tools" / "train.py") in train_cmd
+    assert train_cmd[1:3] == ["-m", "latentdit.launch"] and str(REPO_ROOT / "tools" / "train.py") in train_cmd
     assert train_cmd[train_cmd.index("--resume") + 1] == "auto"
     assert f"train.max_minutes=2.5" in train_cmd and train_cmd[-1] == "model.name=DiT-T/4"
     assert "data.flip=false" in train_cmd and "--no-flip" in extract_cmd
@@ -98,3 +98,55 @@ def test_a_finished_training_run_is_not_trained_again(tmp_path, monkeypatch):
     demo.stage_train()  # a second `make demo` goes straight on to sampling with the same checkpoint
     assert calls == ["train"]
     assert demo.checkpoint() == demo.run_dir / "checkpoints" / "step-0000010" / "ema.safetensors"
+
+
+def _demo_tool():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("demo_tool", REPO_ROOT / "tools" / "demo.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _demo_user_error(argv, capsys) -> str:
+    from latentdit.cli import run_main
+
+    with pytest.raises(SystemExit) as e:
+        run_main(_demo_tool().main, argv)
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
+    return err.strip()
+
+
+def test_settings_are_checked_before_the_first_stage(tmp_path, monkeypatch, capsys):
+    ran = []
+    monkeypatch.setattr(Demo, "_run", lambda self, name, cmd: ran.append(name))
+    # a bad training override (given after another option) fails at once, not after the extraction
+    line = _demo_user_error(["--out", str(tmp_path / "out"), "model.name=DiT-T/4", "--seed", "1",
+                             "train.lr=abc"], capsys)
+    assert "train.lr" in line and "expected float" in line
+    line = _demo_user_error(["--out", str(tmp_path / "out"), "--only", "train"], capsys)
+    assert "nothing to train on" in line and "'extract' stage" in line
+    line = _demo_user_error(["--out", str(tmp_path / "out"), "--only", "fid", "report"], capsys)
+    assert "nothing to evaluate" in line and "test.npz" in line
+    line = _demo_user_error(["--out", str(tmp_path / "out"), "--only", "samples"], capsys)
+    assert "run the 'train' stage first" in line
+    assert ran == [] and not (tmp_path / "out").exists()
+
+
+def test_a_stage_that_reports_a_user_error_is_not_reported_twice(tmp_path, capsys):
+    from latentdit.errors import ReportedError
+
+    demo = Demo(DemoSettings(out=tmp_path), log=lambda s: None)
+    with pytest.raises(ReportedError):
+        demo._run("train", [sys.executable, "-c", "import sys; print('train.py: error: bad', file=sys.stderr); "
+                                                  "sys.exit(2)"])
+    from latentdit.cli import run_main
+
+    def main(argv):
+        demo._run("train", [sys.executable, "-c", "import sys; sys.exit(2)"])
+
+    with pytest.raises(SystemExit) as e:
+        run_main(main, [])
+    assert e.value.code == 2 and capsys.readouterr().err == ""
