@@ -1,9 +1,9 @@
 """The image autoencoder (a diffusers ``AutoencoderKL``): loading, posterior moments, decoding.
 
-``VAE.load`` accepts the bundled name :data:`BUNDLED_VAE` (a small KL-f8 VAE trained on
-Fashion-MNIST by ``tools/train_vae.py`` and shipped in ``latentdit/assets/``), a local folder
-written by ``save_pretrained``, or a hub id such as ``stabilityai/sd-vae-ft-ema``. All three go
-through ``AutoencoderKL.from_pretrained``.
+``VAE.load`` accepts a bundled name (:data:`BUNDLED_VAE`, a small KL-f8 VAE trained on Fashion-MNIST,
+and :data:`BUNDLED_CLIPART_VAE`, one trained on RGB clip art, both by ``tools/train_vae.py`` and
+shipped in ``latentdit/assets/``), a local folder written by ``save_pretrained``, or a hub id such as
+``stabilityai/sd-vae-ft-ema``. All three go through ``AutoencoderKL.from_pretrained``.
 
 The latent scaling factor is read from the VAE's own config (``VAE.scaling_factor``) and nowhere
 else: ``encode_moments`` returns *unscaled* posterior moments, ``decode`` takes *scaled* latents.
@@ -21,11 +21,15 @@ import torch
 from latentdit.errors import LatentDiTError
 from latentdit.io import sha256_file, sha256_json
 
-#: The name users pass to get the VAE shipped with the package.
+#: The name users pass to get the VAE shipped with the package for Fashion-MNIST (the default data).
 BUNDLED_VAE = "latentdit/kl-f8-fashion-mnist"
-#: Folder of the bundled VAE under ``latentdit/assets/``.
-BUNDLED_VAE_DIR = "vae-kl-f8-fashion-mnist"
-#: JSON file beside the bundled VAE holding the numbers its model card states.
+#: The bundled VAE for RGB image folders (trained on public-domain clip art).
+BUNDLED_CLIPART_VAE = "latentdit/kl-f8-clipart"
+#: Every bundled VAE: name -> folder under ``latentdit/assets/``.
+BUNDLED_VAES = {BUNDLED_VAE: "vae-kl-f8-fashion-mnist", BUNDLED_CLIPART_VAE: "vae-kl-f8-clipart"}
+#: Folder of the Fashion-MNIST VAE under ``latentdit/assets/``.
+BUNDLED_VAE_DIR = BUNDLED_VAES[BUNDLED_VAE]
+#: JSON file beside a bundled VAE holding the numbers its model card states.
 BUNDLED_VAE_CARD_JSON = "model_card.json"
 
 _WEIGHT_FILES = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin")
@@ -38,9 +42,16 @@ _WEIGHT_FILES = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model
 CPU_PIXELS_PER_CALL = 65536
 
 
-def bundled_vae_path() -> Path:
-    """The folder of the bundled VAE inside the installed package."""
-    return Path(str(resources.files("latentdit") / "assets" / BUNDLED_VAE_DIR))
+def bundled_vae_path(name: str = BUNDLED_VAE) -> Path:
+    """The folder of the bundled VAE ``name`` inside the installed package."""
+    return Path(str(resources.files("latentdit") / "assets" / BUNDLED_VAES[name]))
+
+
+def default_vae_for(data: str | os.PathLike) -> str:
+    """The bundled VAE for a ``--data`` value: Fashion-MNIST's own, else the clip-art (RGB) one."""
+    from latentdit.data import is_fashion_mnist
+
+    return BUNDLED_VAE if is_fashion_mnist(data) else BUNDLED_CLIPART_VAE
 
 
 def _looks_like_local_path(spec: str) -> bool:
@@ -54,10 +65,10 @@ def resolve_vae_spec(spec: str | os.PathLike) -> tuple[str, Path | None]:
         spec = os.fspath(spec)
     if not isinstance(spec, str) or not spec:
         raise LatentDiTError(f"VAE spec must be a non-empty string or path, got {spec!r}")
-    if spec == BUNDLED_VAE:
-        folder = bundled_vae_path()
+    if spec in BUNDLED_VAES:
+        folder = bundled_vae_path(spec)
         if not (folder / "config.json").is_file():
-            raise LatentDiTError(f"the bundled VAE {BUNDLED_VAE!r} is missing from this installation "
+            raise LatentDiTError(f"the bundled VAE {spec!r} is missing from this installation "
                                  f"(expected {folder}/config.json); reinstall latentdit or rebuild it with "
                                  "tools/train_vae.py.")
         return spec, folder
@@ -67,7 +78,7 @@ def resolve_vae_spec(spec: str | os.PathLike) -> tuple[str, Path | None]:
             what = "is a file" if path.exists() else "does not exist"
             raise LatentDiTError(f"VAE folder {spec} {what}: expected a folder written by "
                                  f"AutoencoderKL.save_pretrained, a hub id like 'stabilityai/sd-vae-ft-ema', "
-                                 f"or the bundled name {BUNDLED_VAE!r}.")
+                                 f"or a bundled name ({', '.join(map(repr, BUNDLED_VAES))}).")
         if not (path / "config.json").is_file():
             raise LatentDiTError(f"VAE folder {spec} has no config.json: expected a folder written by "
                                  "AutoencoderKL.save_pretrained.")
@@ -105,7 +116,7 @@ class VAE:
             raise LatentDiTError(
                 f"could not load the VAE {spec!r} from the Hugging Face hub ({type(e).__name__}: {e}). "
                 "If this machine is offline, download it elsewhere and pass the local folder written by "
-                f"save_pretrained, or use the bundled VAE {BUNDLED_VAE!r}."
+                f"save_pretrained, or use a bundled VAE ({', '.join(map(repr, BUNDLED_VAES))})."
             ) from e
         return cls(model.to(device=device), spec=spec, folder=folder)
 
