@@ -1,6 +1,8 @@
-"""Sampling benchmark: images/s (and, with --fid-ref, FID/KID) for DDPM-250, DDIM-50 and DPM-Solver-25.
+"""Sampling benchmark: images/s (and, with --fid-ref, FID/KID) per sampler: by default DDPM-250, DDIM-50 and
+DPM-Solver-25 for a DDPM model, Euler-50, Heun-20 and Euler–Maruyama-100 for a flow model.
 
     python benchmarks/bench_sample.py                                   # random DiT-S/2, 32×32×4 latents
+    python benchmarks/bench_sample.py --process flow                    # the same, as a flow model
     python benchmarks/bench_sample.py --ckpt runs/demo/ema.safetensors --fid-ref held_out/ --fid-samples 2000
 
 Throughput counts latent sampling only (the VAE decode is excluded): guided forwards over the doubled
@@ -12,6 +14,7 @@ them and scores them with ``latentdit.metrics.compute_metrics``. Prints a side-b
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from pathlib import Path
 from typing import Any, Sequence
@@ -19,11 +22,13 @@ from typing import Any, Sequence
 import torch
 
 from latentdit import sampling as S
+from latentdit.diffusion.samplers import SAMPLERS as SAMPLER_SPECS
+from latentdit.sample_store import balanced_labels
 from latentdit.cli import existing_path, make_parser, non_negative_float, non_negative_int, positive_int, run_main
 from latentdit.errors import LatentDiTError
 from timing import sync
 
-DEFAULT_SAMPLERS = "ddpm-250,ddim-50,dpm-solver-25"
+DEFAULT_SAMPLERS = {"ddpm": "ddpm-250,ddim-50,dpm-solver-25", "flow": "euler-50,heun-20,euler-maruyama-100"}
 
 
 def parse_sampler_specs(text: str) -> list[tuple[str, int]]:
@@ -44,7 +49,9 @@ def build_parser():
     p = make_parser(__doc__.splitlines()[0])
     p.add_argument("--ckpt", type=existing_path, default=None, help="weights to benchmark (default: random DiT-S/2)")
     p.add_argument("--model", default=None, help="model config name for files without metadata")
-    p.add_argument("--samplers", default=DEFAULT_SAMPLERS, help="comma-separated SAMPLER-STEPS")
+    p.add_argument("--samplers", default=None, help=f"comma-separated SAMPLER-STEPS (default: {DEFAULT_SAMPLERS})")
+    p.add_argument("--process", choices=("ddpm", "flow"), default="ddpm",
+                   help="process of the random model (without --ckpt; a checkpoint names its own)")
     p.add_argument("--cfg-scale", type=non_negative_float, default=1.5)
     p.add_argument("--guided-channels", default="all")
     p.add_argument("--num-images", type=positive_int, default=8, help="images per throughput measurement")
@@ -60,20 +67,22 @@ def build_parser():
     return p
 
 
-def _random_checkpoint(device: torch.device) -> S.SamplingCheckpoint:
+def _random_checkpoint(device: torch.device, process_name: str) -> S.SamplingCheckpoint:
+    from latentdit.diffusion import build_process
     from latentdit.models.registry import create_dit
 
-    model = create_dit("DiT-S/2", input_size=32, num_classes=1000).to(device).eval()
+    flow = process_name == "flow"
+    model = create_dit("DiT-S/2", input_size=32, num_classes=1000, learn_sigma=not flow).to(device).eval()
     return S.SamplingCheckpoint(model=model, path=Path("<random DiT-S/2>"), model_name="DiT-S/2",
-                                class_names=None, vae_spec=None)
+                                class_names=None, vae_spec=None, process=build_process({"process": process_name}))
 
 
-def _time_sampling(ckpt: S.SamplingCheckpoint, labels: list[int], *, seed: int, batch_size: int,
-                   device: torch.device, **kw: Any) -> tuple[torch.Tensor, float]:
+def _time_sampling(ckpt: S.SamplingCheckpoint, labels: list[int], settings: S.SamplerSettings, *, seed: int,
+                   batch_size: int, device: torch.device, **kw: Any) -> tuple[torch.Tensor, float]:
     sync(device)
     t0 = time.perf_counter()
-    latents = S.sample_seeded(ckpt.model, labels, seed=seed, batch_size=batch_size, device=device,
-                              noise_schedule=ckpt.noise_schedule, diffusion_steps=ckpt.diffusion_steps, **kw)
+    latents = S.sample_seeded(ckpt.model, labels, settings, process=ckpt.process, seed=seed, batch_size=batch_size,
+                              device=device, **kw)
     sync(device)
     return latents, time.perf_counter() - t0
 
@@ -84,7 +93,6 @@ def _fmt(value: Any, spec: str) -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    specs = parse_sampler_specs(args.samplers)
     device = S.resolve_device(args.device)
     dtype = S.resolve_dtype(args.precision, device)
     if args.fid_ref is not None and args.ckpt is None:
@@ -92,11 +100,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
-    ckpt = S.load_model_for_sampling(args.ckpt, args.model, device=device) if args.ckpt else _random_checkpoint(device)
-    cfg_scale = S.check_cfg_scale(args.cfg_scale)
-    guided = S.parse_guided_channels(args.guided_channels, ckpt.model.in_channels)
-    for name, steps in specs:
-        S.check_sampler(name, steps, ckpt.diffusion_steps)
+    ckpt = (S.load_model_for_sampling(args.ckpt, args.model, device=device) if args.ckpt
+            else _random_checkpoint(device, args.process))
+    specs = parse_sampler_specs(args.samplers or DEFAULT_SAMPLERS[ckpt.process.name])
+    settings = {(name, steps): S.SamplerSettings(sampler=name, num_steps=steps, cfg_scale=args.cfg_scale,
+                                                 guided_channels=args.guided_channels
+                                                 ).resolved(ckpt.process, ckpt.model.in_channels)
+                for name, steps in specs}
+    cfg_scale = settings[specs[0]].cfg_scale
     n_params = sum(p.numel() for p in ckpt.model.parameters())
     print(f"model {ckpt.model_name or '?'} ({n_params / 1e6:.1f} M params) from {ckpt.path}; latents "
           f"{ckpt.model.in_channels}×{ckpt.model.input_size}×{ckpt.model.input_size}; device {device}"
@@ -104,12 +115,12 @@ def main(argv: Sequence[str] | None = None) -> int:
           f"precision {str(dtype).replace('torch.', '') if dtype else 'fp32'}; cfg {cfg_scale}; "
           f"{args.num_images} images in batches of {args.batch_size}", flush=True)
 
-    common = dict(cfg_scale=cfg_scale, guided_channels=guided, dtype=dtype)
-    labels = S.balanced_labels(range(args.num_images), ckpt.num_classes)
+    common = dict(dtype=dtype)
+    labels = balanced_labels(range(args.num_images), ckpt.num_classes)
     # warm-up: kernels, allocator, the diffusers import for dpm-solver
-    for name, _ in specs:
-        _time_sampling(ckpt, labels[:args.batch_size], seed=args.seed, batch_size=args.batch_size, device=device,
-                       sampler=name, num_steps=2, **common)
+    for name, steps in specs:
+        _time_sampling(ckpt, labels[:args.batch_size], dataclasses.replace(settings[name, steps], num_steps=2),
+                       seed=args.seed, batch_size=args.batch_size, device=device, **common)
 
     vae = None
     if args.fid_ref is not None:
@@ -121,18 +132,18 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     rows = []
     for name, steps in specs:
-        _, seconds = _time_sampling(ckpt, labels, seed=args.seed, batch_size=args.batch_size, device=device,
-                                    sampler=name, num_steps=steps, **common)
-        nfe = steps * (2 if cfg_scale != 1.0 else 1)
+        _, seconds = _time_sampling(ckpt, labels, settings[name, steps], seed=args.seed, batch_size=args.batch_size,
+                                    device=device, **common)
+        nfe = SAMPLER_SPECS[name].evaluations(steps) * (2 if cfg_scale != 1.0 else 1)
         row = dict(sampler=name, steps=steps, nfe_per_image=nfe, images_per_s=args.num_images / seconds,
                    s_per_image=seconds / args.num_images, ms_per_step=1000 * seconds / steps
                    / -(-args.num_images // args.batch_size), fid=None, kid_mean=None, kid_std=None)
         print(f"{name}-{steps}: {row['images_per_s']:.3f} images/s ({seconds:.1f} s)", flush=True)
         if vae is not None:
-            fid_labels = S.balanced_labels(range(args.fid_samples), ckpt.num_classes)
+            fid_labels = balanced_labels(range(args.fid_samples), ckpt.num_classes)
             latents, fid_seconds = _time_sampling(
-                ckpt, fid_labels, seed=args.seed, batch_size=args.fid_batch_size or args.batch_size,
-                device=device, sampler=name, num_steps=steps, progress=True, **common)
+                ckpt, fid_labels, settings[name, steps], seed=args.seed,
+                batch_size=args.fid_batch_size or args.batch_size, device=device, progress=True, **common)
             images = S.decode_to_uint8(vae, latents.to(device), batch_size=args.fid_batch_size or args.batch_size)
             m = compute_metrics(ref_stats, images, pr=False, kid_subset_size=min(1000, args.fid_samples),
                                 device=device)
@@ -148,7 +159,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"{r['sampler'] + '-' + str(r['steps']):<16}{r['nfe_per_image']:>8}{r['images_per_s']:>10.3f}"
               f"{r['s_per_image']:>10.2f}{r['ms_per_step']:>10.1f}{_fmt(r['fid'], '.3f'):>10}{kid:>16}")
     if rows[0]["fid"] is not None:
-        ref = next((r for r in rows if r["sampler"] == "ddpm"), None)
+        ref = next((r for r in rows if r["sampler"] == ckpt.process.default_sampler), rows[0])
         if ref is not None:
             for r in rows:
                 if r is not ref:

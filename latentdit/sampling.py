@@ -1,24 +1,29 @@
 """Guided sampling from a trained DiT: load weights, parse class labels, run a sampler, decode.
 
-The pieces a sampling command needs, and nothing about argument parsing:
+The pieces a sampling command needs (of argument parsing only the sampler flags both tools share):
 
 - :func:`load_model_for_sampling` reads our safetensors (``ema.safetensors`` / ``model.safetensors`` /
   a training checkpoint folder ``step-XXXXXXX``) or a released DiT ``.pt`` (raw state dict, or a dict
   holding ``ema`` / ``model``) and returns the model with what the checkpoint says about it
-  (class names, VAE, noise schedule).
+  (class names, VAE, and the training process: DDPM or flow, see :mod:`latentdit.diffusion.process`).
 - :func:`parse_labels` turns ``"0,3,Trouser"`` into class ids.
-- :func:`sample_latents` runs DDPM (respaced), DDIM (eta 0) or DPM-Solver++ (2nd-order multistep,
-  diffusers' scheduler on our beta schedule) with classifier-free guidance computed by
-  :func:`latentdit.models.guidance.guided_forward` (cond and uncond halves in one batched forward),
-  optionally only inside a guidance interval of original timestep indices.
+- :class:`SamplerSettings` holds the sampler choice, steps and guidance, validated against the process.
+- :func:`sample_latents` runs a sampler of :mod:`latentdit.diffusion.samplers` (DDPM, DDIM, DPM-Solver++
+  for DDPM models; Euler, Heun, Euler–Maruyama for flow models) with classifier-free guidance computed
+  by :func:`latentdit.models.guidance.guided_forward` (cond and uncond halves in one batched forward),
+  optionally only inside a guidance interval. :func:`sample_seeded` samples in batches with per-sample
+  noise, so the result does not depend on the batch split or the number of processes.
 - :func:`decode_to_uint8` turns scaled latents into uint8 NHWC images with the VAE.
+
+Many-sample bookkeeping (chunk files, the ``.npz``) lives in :mod:`latentdit.sample_store`.
 """
 
 from __future__ import annotations
 
 import contextlib
-import hashlib
+import dataclasses
 import json
+import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,14 +32,17 @@ from typing import Any, Callable, Sequence
 import numpy as np
 import torch
 
+from latentdit.diffusion import META_PROCESS, DDPMProcess, Process, build_process, process_from_metadata
+from latentdit.diffusion.samplers import SAMPLERS as SAMPLER_SPECS
+from latentdit.diffusion.samplers import Callback, GeneratorNoise, NoiseSource, PerSampleNoise
 from latentdit.errors import LatentDiTError
-from latentdit.models.guidance import check_cfg_scale
-
-SAMPLERS = ("ddpm", "ddim", "dpm-solver")
-DEFAULT_NUM_STEPS = {"ddpm": 250, "ddim": 50, "dpm-solver": 25}
-
 from latentdit.models.checkpoint import META_CLASS_NAMES, META_DIFFUSION, META_VAE
 from latentdit.models.checkpoint import METADATA_KEY as META_MODEL  # noqa: F401 (the key's name here)
+from latentdit.models.guidance import check_cfg_scale, check_guidance_possible
+
+SAMPLERS = tuple(SAMPLER_SPECS)
+DEFAULT_NUM_STEPS = {name: spec.default_steps for name, spec in SAMPLER_SPECS.items()}
+DDIM_MAPS = ("ddim", "even")
 
 _PREFERRED_WEIGHTS = ("ema.safetensors", "model.safetensors")
 _STEP_DIR = re.compile(r"^step-(\d+)$")
@@ -53,8 +61,7 @@ class SamplingCheckpoint:
     model_name: str | None           # registry name (from --model or inferred), None if unknown
     class_names: list[str] | None    # None when the checkpoint carries no names (released DiT)
     vae_spec: str | None             # VAE named in the checkpoint metadata, if any
-    noise_schedule: str = "linear"
-    diffusion_steps: int = 1000
+    process: Process = field(default_factory=DDPMProcess)   # the training process (ddpm for released DiT)
     metadata: dict[str, str] = field(default_factory=dict)
 
     @property
@@ -136,18 +143,22 @@ def _training_context(weights: Path) -> tuple[str | None, dict | None]:
 
 
 def load_model_for_sampling(path: str | Path, model_name: str | None = None,
-                            device: str | torch.device = "cpu") -> SamplingCheckpoint:
+                            device: str | torch.device = "cpu", num_classes: int | None = None,
+                            null_class: bool = True) -> SamplingCheckpoint:
     """Load a DiT for sampling from any checkpoint form we accept (see module docstring).
 
     The config comes from the safetensors metadata (``latentdit_model``) when present, else from
-    ``model_name`` and the weights' shapes (see :func:`latentdit.models.checkpoint.load_dit`).
+    ``model_name`` and the weights' shapes (see :func:`latentdit.models.checkpoint.load_dit`);
+    ``num_classes`` / ``null_class=False`` say how to read a label table without a null row
+    (:func:`latentdit.models.checkpoint.label_table_overrides`).
     """
-    from latentdit.models.checkpoint import load_dit
+    from latentdit.models.checkpoint import label_table_overrides, load_dit
     from latentdit.models.registry import find_model_name
 
     weights = resolve_checkpoint_path(path)
     metadata = read_safetensors_metadata(weights) if weights.suffix == ".safetensors" else {}
-    model = load_dit(weights, model_name=model_name)  # explains a --model / file mismatch itself
+    model = load_dit(weights, model_name=model_name,  # explains a --model / file mismatch itself
+                     **label_table_overrides(num_classes, null_class))
     name = model_name or find_model_name(model.config)
     model = model.to(device).eval()
 
@@ -162,17 +173,24 @@ def load_model_for_sampling(path: str | Path, model_name: str | None = None,
     vae = _json_meta(metadata, META_VAE, weights)
     if isinstance(vae, dict):
         vae = vae.get("spec")
-    diffusion = _json_meta(metadata, META_DIFFUSION, weights)
+    diffusion = _json_meta(metadata, META_PROCESS, weights)
+    if diffusion is None:
+        diffusion = _json_meta(metadata, META_DIFFUSION, weights)  # older weights: ddpm settings only
     if vae is None or diffusion is None:
         run_vae, run_diffusion = _training_context(weights)
         vae = vae or run_vae
         diffusion = diffusion if diffusion is not None else run_diffusion
-    diffusion = diffusion or {}
+    try:
+        process = process_from_metadata(diffusion) if META_PROCESS in metadata else build_process(diffusion or {})
+        expected = process.out_channels(model.in_channels, bool(model.learn_sigma))
+        if expected != model.out_channels:
+            raise LatentDiTError(f"the model has {model.out_channels} output channels, but its {process.name} "
+                                 f"process expects {expected}")
+    except LatentDiTError as e:
+        raise LatentDiTError(f"checkpoint {weights}: {e}") from None
     return SamplingCheckpoint(
         model=model, path=weights, model_name=name, class_names=class_names,
-        vae_spec=str(vae) if vae else None,
-        noise_schedule=str(diffusion.get("noise_schedule", "linear")),
-        diffusion_steps=int(diffusion.get("diffusion_steps", 1000)),
+        vae_spec=str(vae) if vae else None, process=process,
         metadata=metadata,
     )
 
@@ -225,22 +243,35 @@ def default_labels(num_classes: int, max_classes: int = 16) -> list[int]:
     return sorted({int(round(x)) for x in np.linspace(0, num_classes - 1, max_classes)})
 
 
-def parse_guidance_interval(spec: str | Sequence[int] | None, num_timesteps: int = 1000) -> tuple[int, int] | None:
-    """``"LO,HI"`` → (lo, hi): original timestep indices, inclusive, 0 ≤ lo ≤ hi < num_timesteps."""
+def parse_guidance_interval(spec: str | Sequence[float] | None,
+                            process: Process | None = None) -> tuple[float, float] | None:
+    """``"LO,HI"`` → (lo, hi), inclusive, in the process's own time.
+
+    DDPM: original timestep indices, integers with 0 ≤ lo ≤ hi < diffusion_steps. Flow: flow times
+    with 0 ≤ lo ≤ hi ≤ 1 (t = 1 is pure noise).
+    """
     if spec is None:
         return None
-    if isinstance(spec, str):
-        parts = [p.strip() for p in spec.split(",")]
-        if len(parts) != 2 or not all(re.fullmatch(r"\d+", p) for p in parts):
-            raise LatentDiTError(f"guidance interval must be LO,HI (two timestep indices), got {spec!r}")
-        lo, hi = int(parts[0]), int(parts[1])
-    else:
-        if len(spec) != 2:
-            raise LatentDiTError(f"guidance interval must be (lo, hi), got {spec!r}")
-        lo, hi = int(spec[0]), int(spec[1])
-    if not 0 <= lo <= hi < num_timesteps:
-        raise LatentDiTError(f"guidance interval ({lo}, {hi}) must satisfy 0 ≤ lo ≤ hi ≤ {num_timesteps - 1}")
-    return lo, hi
+    process = process if process is not None else DDPMProcess()
+    flow = process.name == "flow"
+    what = "two flow times in [0, 1]" if flow else "two timestep indices"
+    parts = [p.strip() for p in spec.split(",")] if isinstance(spec, str) else list(spec)
+    if len(parts) != 2:
+        raise LatentDiTError(f"guidance interval must be LO,HI ({what}), got {spec!r}")
+    try:
+        lo, hi = (float(p) for p in parts)
+    except (TypeError, ValueError):
+        raise LatentDiTError(f"guidance interval must be LO,HI ({what}), got {spec!r}") from None
+    if flow:
+        if not 0.0 <= lo <= hi <= 1.0:
+            raise LatentDiTError(f"guidance interval ({lo:g}, {hi:g}) must satisfy 0 ≤ lo ≤ hi ≤ 1 (flow times)")
+        return lo, hi
+    last = process.diffusion_steps - 1
+    if not (lo.is_integer() and hi.is_integer()):
+        raise LatentDiTError(f"guidance interval must be LO,HI ({what}), got {spec!r}")
+    if not 0 <= lo <= hi <= last:
+        raise LatentDiTError(f"guidance interval ({lo:g}, {hi:g}) must satisfy 0 ≤ lo ≤ hi ≤ {last}")
+    return int(lo), int(hi)
 
 
 def parse_guided_channels(spec: str | int | None, in_channels: int) -> int | None:
@@ -257,33 +288,149 @@ def parse_guided_channels(spec: str | int | None, in_channels: int) -> int | Non
     return None if k == in_channels else k
 
 
-def check_sampler(sampler: str, num_steps: int | None, diffusion_steps: int = 1000) -> int:
-    """Validate the sampler name and step count; returns the step count (sampler default if None)."""
-    if sampler not in SAMPLERS:
-        raise LatentDiTError(f"unknown sampler {sampler!r}; choose one of {', '.join(SAMPLERS)}")
-    steps = DEFAULT_NUM_STEPS[sampler] if num_steps is None else int(num_steps)
-    if not 1 <= steps <= diffusion_steps:
-        raise LatentDiTError(f"--num-steps must be between 1 and {diffusion_steps}, got {steps}")
-    return steps
+# ----------------------------------------------------------------------------------------------
+# Sampler settings
+# ----------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class SamplerSettings:
+    """How to sample, independent of the model and the noise. :meth:`resolved` fills the defaults for
+    a process and validates every field (a :class:`LatentDiTError` names the field and its flag).
+
+    ``sampler``: a name of :data:`SAMPLERS`; None → the process's default (ddpm: ``ddpm``, flow: ``heun``).
+    ``num_steps``: None → the sampler's default (:data:`DEFAULT_NUM_STEPS`).
+    ``guidance_interval``: guide only at times LO..HI (see :func:`parse_guidance_interval`; ddpm:
+    original timestep indices, flow: flow times); None → every step.
+    ``guided_channels``: ddpm only, guide the first k latent channels (3: the released DiT sampling code).
+    ``time_shift``: flow only, shift of the step grid (t' = s·t/(1 + (s − 1)·t)); None → the shift the
+    model was trained with. ``ddim_map``: ``"ddim"`` (DDIM's strided timesteps 0, s, 2s, …, as the
+    ADM / DiT code samples with ``ddimN``) or ``"even"`` (the evenly rounded respacing DDPM uses).
+    """
+
+    sampler: str | None = None
+    num_steps: int | None = None
+    cfg_scale: float = 1.0
+    guidance_interval: str | tuple[float, float] | None = None
+    guided_channels: str | int | None = None
+    time_shift: float | None = None
+    ddim_map: str = "ddim"
+
+    def resolved(self, process: Process, in_channels: int) -> "SamplerSettings":
+        """A copy with defaults filled in for ``process``, after validating every field."""
+        sampler = self.sampler if self.sampler is not None else process.default_sampler
+        if sampler not in SAMPLER_SPECS:
+            raise LatentDiTError(f"unknown sampler {sampler!r} (--sampler); choose one of {', '.join(SAMPLERS)}")
+        spec = SAMPLER_SPECS[sampler]
+        if spec.process != process.name:
+            fitting = [n for n, s in SAMPLER_SPECS.items() if s.process == process.name]
+            raise LatentDiTError(f"sampler {sampler!r} (--sampler) samples {spec.process} models, but this model "
+                                 f"was trained with the {process.name} process; choose one of {', '.join(fitting)}")
+        steps = spec.default_steps if self.num_steps is None else self.num_steps
+        most = process.diffusion_steps if process.name == "ddpm" else None
+        if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1 or (most is not None and steps > most):
+            bound = f"between 1 and {most}" if most is not None else "an integer >= 1"
+            raise LatentDiTError(f"num_steps (--num-steps) must be {bound}, got {steps!r}")
+        cfg_scale = check_cfg_scale(self.cfg_scale)
+        interval = parse_guidance_interval(self.guidance_interval, process)
+        guided = parse_guided_channels(self.guided_channels, in_channels)
+        if guided is not None and process.name != "ddpm":
+            raise LatentDiTError("guided channels (--guided-channels) other than 'all' apply to ddpm models only "
+                                 "(the released DiT's behaviour); flow models are guided on every channel")
+        time_shift = self.time_shift
+        if process.name == "flow":
+            time_shift = process.time_shift if time_shift is None else time_shift
+            if isinstance(time_shift, bool) or not isinstance(time_shift, (int, float)) \
+                    or not math.isfinite(time_shift) or time_shift <= 0:
+                raise LatentDiTError(f"time_shift (--time-shift) must be a finite number > 0, got {time_shift!r}")
+            time_shift = float(time_shift)
+        elif time_shift is not None:
+            raise LatentDiTError("time_shift (--time-shift) applies to flow models only")
+        if self.ddim_map not in DDIM_MAPS:
+            raise LatentDiTError(f"ddim_map (--ddim-map) must be one of {', '.join(DDIM_MAPS)}, got {self.ddim_map!r}")
+        return dataclasses.replace(self, sampler=sampler, num_steps=steps, cfg_scale=cfg_scale,
+                                   guidance_interval=interval, guided_channels=guided, time_shift=time_shift)
+
+    def describe(self) -> str:
+        """A short label, e.g. ``heun-20, cfg 4``."""
+        return f"{self.sampler}-{self.num_steps}, cfg {self.cfg_scale:g}"
+
+
+def add_sampler_arguments(parser, cfg_scale: float) -> None:
+    """The sampler flags both sampling tools share (read back with :func:`settings_from_args`)."""
+    from latentdit.cli import finite_float, non_negative_float, positive_int
+
+    ddpm = [n for n, s in SAMPLER_SPECS.items() if s.process == "ddpm"]
+    flow = [n for n, s in SAMPLER_SPECS.items() if s.process == "flow"]
+    parser.add_argument("--sampler", choices=SAMPLERS, default=None,
+                        help=f"ddpm models: {', '.join(ddpm)}; flow models: {', '.join(flow)} "
+                             "(default: ddpm for ddpm models, heun for flow models). "
+                             + "; ".join(f"{n}: {s.help}" for n, s in SAMPLER_SPECS.items()))
+    parser.add_argument("--num-steps", type=positive_int, default=None,
+                        help=f"sampling steps (default per sampler: {DEFAULT_NUM_STEPS})")
+    parser.add_argument("--cfg-scale", type=non_negative_float, default=cfg_scale,
+                        help="guidance scale; 1 skips the unconditional pass")
+    parser.add_argument("--guidance-interval", default=None,
+                        help="LO,HI: guide only at these times, inclusive (ddpm models: original timestep "
+                             "indices, e.g. 0,700; flow models: flow times in [0, 1], t = 1 is noise)")
+    parser.add_argument("--guided-channels", default="all",
+                        help="ddpm models: 'all' or k, guide only the first k latent channels (3 = the released "
+                             "DiT code's behaviour)")
+    parser.add_argument("--time-shift", type=finite_float, default=None,
+                        help="flow models: shift s of the step grid, t' = s·t/(1+(s−1)·t) (default: the shift "
+                             "the model was trained with)")
+    parser.add_argument("--ddim-map", choices=DDIM_MAPS, default="ddim",
+                        help="ddim: the timesteps visited: 'ddim' = DDIM's stride (0, s, 2s, …; the ADM/DiT "
+                             "'ddimN' map), 'even' = the evenly rounded respacing of ddpm")
+
+
+def add_label_table_arguments(parser) -> None:
+    """``--num-classes`` / ``--no-null-class``: how to read the label table of a weights file without
+    metadata (released or official train.py checkpoints), passed to :func:`load_model_for_sampling`."""
+    from latentdit.cli import positive_int
+
+    parser.add_argument("--num-classes", type=positive_int, default=None,
+                        help="real classes of a file without metadata (default: label-table rows - 1, the last "
+                             "row being the null class; with N the null row exists iff the table has N+1 rows)")
+    parser.add_argument("--no-null-class", action="store_true",
+                        help="the model was trained with class_dropout_prob 0: every label-table row is a class "
+                             "and there is no null row, so only --cfg-scale 1 is possible")
+
+
+def settings_from_args(args) -> SamplerSettings:
+    """The :class:`SamplerSettings` of :func:`add_sampler_arguments`' flags (not yet resolved)."""
+    return SamplerSettings(sampler=args.sampler, num_steps=args.num_steps, cfg_scale=args.cfg_scale,
+                           guidance_interval=args.guidance_interval, guided_channels=args.guided_channels,
+                           time_shift=args.time_shift, ddim_map=args.ddim_map)
+
+
+def sampling_grid(process: Process, settings: SamplerSettings, learn_sigma: bool):
+    """The ``grid`` argument of the chosen sampler (see :mod:`latentdit.diffusion.samplers`) for
+    resolved ``settings``."""
+    from latentdit.diffusion.samplers import flow_grid, make_dpm_solver
+
+    n = settings.num_steps
+    if settings.sampler == "dpm-solver":
+        return make_dpm_solver(n, process.noise_schedule, process.diffusion_steps)
+    if settings.sampler in ("ddpm", "ddim"):
+        strided = settings.sampler == "ddim" and settings.ddim_map == "ddim"
+        return process.diffusion(learn_sigma, f"ddim{n}" if strided else str(n))
+    return flow_grid(process, n, settings.time_shift)
 
 
 # ----------------------------------------------------------------------------------------------
 # Noise and seeds
 # ----------------------------------------------------------------------------------------------
 
-def derive_seed(*values: int) -> int:
-    """A 63-bit seed that is a pure function of the given integers (e.g. global seed, sample index)."""
-    h = hashlib.sha256(",".join(str(int(v)) for v in values).encode()).digest()
-    return int.from_bytes(h[:8], "little") >> 1
+def sample_generator(seed: int, index: int) -> torch.Generator:
+    """The CPU generator of global sample ``index`` under ``seed``: its initial noise, then its step noise."""
+    from latentdit.training.data import seed_for
+
+    return torch.Generator().manual_seed(seed_for("latentdit-sample", seed, index))
 
 
-def per_sample_noise(seed: int, indices: Sequence[int], shape: Sequence[int]) -> torch.Tensor:
-    """Initial noise [len(indices), *shape], sample i drawn from a generator seeded by (seed, i)."""
-    out = torch.empty(len(indices), *shape)
-    for row, i in enumerate(indices):
-        g = torch.Generator().manual_seed(derive_seed(seed, i))
-        out[row] = torch.randn(*shape, generator=g)
-    return out
+def per_sample_noise(seed: int, indices: Sequence[int]) -> PerSampleNoise:
+    """Noise for the samples ``indices``: row j from :func:`sample_generator` ``(seed, indices[j])``."""
+    return PerSampleNoise([sample_generator(seed, i) for i in indices])
 
 
 # ----------------------------------------------------------------------------------------------
@@ -297,22 +444,18 @@ def _autocast(device: torch.device, dtype: torch.dtype | None):
 
 
 def make_model_fn(model: torch.nn.Module, y: torch.Tensor, *, cfg_scale: float,
-                  guided_channels: int | None = None, guidance_interval: tuple[int, int] | None = None,
+                  guided_channels: int | None = None, guide_at: Callable[[torch.Tensor], bool] | None = None,
                   dtype: torch.dtype | None = None) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
-    """``model_fn(x, t_original)`` for the samplers: guided inside the interval, plain cond outside.
-
-    cfg_scale 1 never runs the unconditional half. Output in float32.
-    """
+    """``model_fn(x, t_model)`` for the samplers: guided where ``guide_at(t_model)`` holds (everywhere
+    when None), plain conditional elsewhere. cfg_scale 1 never runs the unconditional half. Output in
+    float32."""
     from latentdit.models.guidance import guided_forward
 
     def model_fn(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        t = t.to(x.device).long().reshape(-1)
+        t = t.to(x.device).reshape(-1)
         if t.numel() == 1:
             t = t.expand(x.shape[0])
-        guide = cfg_scale != 1.0
-        if guide and guidance_interval is not None:
-            step = int(t[0])
-            guide = guidance_interval[0] <= step <= guidance_interval[1]
+        guide = cfg_scale != 1.0 and (guide_at is None or guide_at(t))
         with _autocast(x.device, dtype):
             if guide:
                 out = guided_forward(model, x, t, y, cfg_scale, guided_channels=guided_channels)
@@ -323,97 +466,68 @@ def make_model_fn(model: torch.nn.Module, y: torch.Tensor, *, cfg_scale: float,
     return model_fn
 
 
+def _guide_at(process: Process, interval: tuple[float, float] | None) -> Callable[[torch.Tensor], bool] | None:
+    """The guidance-interval test on the model's timestep input (same for the whole batch)."""
+    if interval is None:
+        return None
+    lo, hi = interval
+    if process.name == "ddpm":
+        return lambda t_model: lo <= int(t_model[0]) <= hi
+    # flow times reach the model as float32 t · scale: compare in flow time with float32 slack
+    scale = float(process.model_time(torch.ones(())))
+    slack = 1e-6
+    return lambda t_model: lo - slack <= float(t_model[0]) / scale <= hi + slack
+
+
 @torch.no_grad()
-def sample_latents(model: torch.nn.Module, labels: Sequence[int] | torch.Tensor, *, cfg_scale: float = 1.0,
-                   sampler: str = "ddpm", num_steps: int | None = None, guided_channels: int | None = None,
-                   guidance_interval: tuple[int, int] | None = None, generator: torch.Generator | None = None,
+def sample_latents(model: torch.nn.Module, labels: Sequence[int] | torch.Tensor,
+                   settings: SamplerSettings | None = None, *, process: Process | None = None,
+                   noise: NoiseSource | torch.Generator | None = None, x_T: torch.Tensor | None = None,
                    device: str | torch.device | None = None, dtype: torch.dtype | None = None,
-                   noise: torch.Tensor | None = None, noise_schedule: str = "linear",
-                   diffusion_steps: int = 1000, progress: bool = False) -> torch.Tensor:
+                   progress: bool = False, callback: Callback | None = None) -> torch.Tensor:
     """Sample latents for ``labels`` (scaled, as the model sees them), float32 [N, C, H, W] on ``device``.
 
-    ``noise`` (optional) is the initial x_T; otherwise it is drawn from ``generator``. DDPM's per-step
-    noise also comes from ``generator`` (a CPU generator on a CUDA device seeds a CUDA one).
-    ``dtype`` fp16/bf16 enables autocast on CUDA (ignored on CPU).
+    ``process``: the model's training process (default: DDPM, 1000 linear steps — released DiT).
+    ``noise``: where the initial x_T (unless ``x_T`` is given) and the step noise of stochastic samplers
+    come from — a :class:`NoiseSource` (e.g. :func:`per_sample_noise`) or a generator for the whole
+    batch (None: torch's global generator). ``dtype`` fp16/bf16 enables autocast on CUDA (ignored on
+    CPU). ``callback`` goes to the sampler (see :mod:`latentdit.diffusion.samplers`).
     """
-    from latentdit.diffusion import create_diffusion, ddim_sample, ddpm_sample
-
-    cfg_scale = check_cfg_scale(cfg_scale)
-    num_steps = check_sampler(sampler, num_steps, diffusion_steps)
-    if guidance_interval is not None:
-        guidance_interval = parse_guidance_interval(guidance_interval, diffusion_steps)
-    device = torch.device(device) if device is not None else next(model.parameters()).device
+    process = process if process is not None else DDPMProcess()
     in_ch = int(model.in_channels)
-    if guided_channels is not None:
-        guided_channels = parse_guided_channels(guided_channels, in_ch)
+    settings = (settings or SamplerSettings()).resolved(process, in_ch)
+    expected = process.out_channels(in_ch, bool(model.learn_sigma))
+    if expected != int(model.out_channels):
+        raise LatentDiTError(f"the model has {model.out_channels} output channels, but the {process.name} process "
+                             f"expects {expected}")
+    device = torch.device(device) if device is not None else next(model.parameters()).device
     y = torch.as_tensor(list(labels) if not torch.is_tensor(labels) else labels, dtype=torch.long).reshape(-1)
     if y.numel() == 0:
         raise LatentDiTError("no labels to sample")
     if int(y.min()) < 0 or int(y.max()) >= model.num_classes:
         raise LatentDiTError(f"labels must be class ids in 0..{model.num_classes - 1}, got {y.tolist()}")
-    if cfg_scale != 1.0:
-        _ = model.null_class_id  # raises a LatentDiTError when the model has no unconditional row
+    check_guidance_possible(model, settings.cfg_scale)
     y = y.to(device)
     shape = (y.numel(), in_ch, int(model.input_size), int(model.input_size))
-    if noise is None:
-        noise = torch.randn(shape, generator=generator, device=generator.device if generator else "cpu")
-    elif tuple(noise.shape) != shape:
-        raise LatentDiTError(f"initial noise has shape {tuple(noise.shape)}, expected {shape}")
-    noise = noise.to(device=device, dtype=torch.float32)
-    if generator is not None and generator.device.type != device.type:
-        # the samplers draw step noise on ``device``: continue with a generator there, seeded from this one
-        seed = int(torch.randint(0, 2**62, (1,), generator=generator, device=generator.device))
-        generator = torch.Generator(device=device).manual_seed(seed)
+    if not isinstance(noise, NoiseSource):
+        noise = GeneratorNoise(noise)
+    if x_T is None:
+        x_T = noise.draw(shape, device)
+    elif tuple(x_T.shape) != shape:
+        raise LatentDiTError(f"initial noise has shape {tuple(x_T.shape)}, expected {shape}")
+    x_T = x_T.to(device=device, dtype=torch.float32)
 
+    grid = sampling_grid(process, settings, bool(model.learn_sigma))
     was_training = model.training
     model.eval()
-    model_fn = make_model_fn(model, y, cfg_scale=cfg_scale, guided_channels=guided_channels,
-                             guidance_interval=guidance_interval, dtype=dtype)
+    model_fn = make_model_fn(model, y, cfg_scale=settings.cfg_scale, guided_channels=settings.guided_channels,
+                             guide_at=_guide_at(process, settings.guidance_interval), dtype=dtype)
     try:
-        if sampler in ("ddpm", "ddim"):
-            diffusion = create_diffusion(timestep_respacing=str(num_steps), noise_schedule=noise_schedule,
-                                         diffusion_steps=diffusion_steps, learn_sigma=bool(model.learn_sigma))
-            fn = ddpm_sample if sampler == "ddpm" else ddim_sample
-            out = fn(diffusion, model_fn, shape, generator=generator, device=device, noise=noise,
-                     progress=progress)
-        else:
-            out = _dpm_solver_sample(model_fn, noise, in_ch, num_steps=num_steps, noise_schedule=noise_schedule,
-                                     diffusion_steps=diffusion_steps, progress=progress)
+        out = SAMPLER_SPECS[settings.sampler].fn(model_fn, x_T, grid, noise=noise, callback=callback,
+                                                 progress=progress)
     finally:
         model.train(was_training)
     return out.float()
-
-
-def make_dpm_solver(num_steps: int, noise_schedule: str = "linear", diffusion_steps: int = 1000):
-    """diffusers' DPM-Solver++ (2nd-order multistep, eps prediction) on our beta schedule."""
-    try:
-        from diffusers import DPMSolverMultistepScheduler
-    except ImportError as e:
-        raise LatentDiTError("the dpm-solver sampler needs diffusers: pip install diffusers") from e
-    from latentdit.diffusion import get_betas
-
-    betas = np.asarray(get_betas(noise_schedule, diffusion_steps), dtype=np.float64)
-    scheduler = DPMSolverMultistepScheduler(
-        num_train_timesteps=diffusion_steps, trained_betas=betas, algorithm_type="dpmsolver++",
-        solver_order=2, prediction_type="epsilon", lower_order_final=True,
-    )
-    scheduler.set_timesteps(num_steps)
-    return scheduler
-
-
-def _dpm_solver_sample(model_fn, noise: torch.Tensor, in_channels: int, *, num_steps: int,
-                       noise_schedule: str, diffusion_steps: int, progress: bool) -> torch.Tensor:
-    scheduler = make_dpm_solver(num_steps, noise_schedule, diffusion_steps)
-    x = noise * scheduler.init_noise_sigma
-    steps = scheduler.timesteps
-    if progress:
-        from tqdm.auto import tqdm
-        steps = tqdm(steps, desc="dpm-solver", leave=False)
-    for t in steps:
-        t_batch = torch.full((x.shape[0],), int(t), dtype=torch.long, device=x.device)
-        eps = model_fn(x, t_batch)[:, :in_channels]  # learned-σ channels are not used by the ODE solver
-        x = scheduler.step(eps, t, x).prev_sample
-    return x
 
 
 # ----------------------------------------------------------------------------------------------
@@ -511,18 +625,17 @@ def resolve_device(device: str | None) -> torch.device:
 # Seeded batches (the same samples whatever the batch split across processes)
 # ----------------------------------------------------------------------------------------------
 
-def sample_seeded(model: torch.nn.Module, labels: Sequence[int], *, seed: int, first_index: int = 0,
-                  batch_size: int = 32, progress: bool = False, **sampling_kwargs: Any) -> torch.Tensor:
-    """Sample ``labels`` in batches; sample ``first_index + j`` starts from noise seeded by (seed, index).
-
-    DDPM's per-step noise comes from a generator seeded by (seed, index of the batch's first sample),
-    so the result depends only on ``seed``, the indices and ``batch_size`` — not on which process
-    runs it. Extra keyword arguments go to :func:`sample_latents`. Returns latents on CPU.
+def sample_seeded(model: torch.nn.Module, labels: Sequence[int], settings: SamplerSettings | None = None, *,
+                  seed: int, first_index: int = 0, batch_size: int = 32, progress: bool = False,
+                  **sampling_kwargs: Any) -> torch.Tensor:
+    """Sample ``labels`` in batches; sample ``first_index + j`` takes its initial and step noise from
+    :func:`sample_generator` ``(seed, first_index + j)``, so each sample depends only on ``seed`` and its
+    index — not on ``batch_size`` nor on which process runs it. Extra keyword arguments (``process``,
+    ``device``, ``dtype``, ``callback``) go to :func:`sample_latents`. Returns latents on CPU.
     """
     if batch_size < 1:
         raise LatentDiTError(f"batch size must be ≥ 1, got {batch_size}")
     labels = [int(v) for v in labels]
-    shape = (int(model.in_channels), int(model.input_size), int(model.input_size))
     out = []
     starts = range(0, len(labels), batch_size)
     if progress and len(starts) > 1:
@@ -530,124 +643,7 @@ def sample_seeded(model: torch.nn.Module, labels: Sequence[int], *, seed: int, f
         starts = tqdm(starts, desc="batches", leave=False)
     for s in starts:
         idx = list(range(first_index + s, first_index + min(s + batch_size, len(labels))))
-        noise = per_sample_noise(seed, idx, shape)
-        gen = torch.Generator().manual_seed(derive_seed(seed, idx[0], len(idx), 1))
-        lat = sample_latents(model, labels[s:s + len(idx)], noise=noise, generator=gen, **sampling_kwargs)
+        lat = sample_latents(model, labels[s:s + len(idx)], settings, noise=per_sample_noise(seed, idx),
+                             **sampling_kwargs)
         out.append(lat.cpu())
     return torch.cat(out)
-
-
-# ----------------------------------------------------------------------------------------------
-# Many samples in chunks (tools/sample_ddp.py)
-# ----------------------------------------------------------------------------------------------
-
-CHUNK_DIR = ".chunks"
-CHUNK_SETTINGS = "settings.json"
-
-
-def balanced_labels(indices: Sequence[int] | range, num_classes: int) -> list[int]:
-    """Label of global sample i is ``i % num_classes``: every class equally often (±1)."""
-    return [int(i) % num_classes for i in indices]
-
-
-def num_chunks(num_samples: int, chunk_size: int) -> int:
-    return (num_samples + chunk_size - 1) // chunk_size
-
-
-def chunk_range(k: int, num_samples: int, chunk_size: int) -> range:
-    """Global sample indices of chunk ``k``."""
-    return range(k * chunk_size, min((k + 1) * chunk_size, num_samples))
-
-
-def chunk_path(chunk_dir: str | Path, k: int) -> Path:
-    return Path(chunk_dir) / f"chunk-{k:06d}.npz"
-
-
-def missing_chunks(chunk_dir: str | Path, total_chunks: int) -> list[int]:
-    """Chunks whose file is absent (files are written atomically, so a present file is complete)."""
-    return [k for k in range(total_chunks) if not chunk_path(chunk_dir, k).is_file()]
-
-
-def write_chunk(path: str | Path, images: np.ndarray, labels: Sequence[int]) -> None:
-    """Write one chunk (uint8 N×H×W×3 images + int64 labels) atomically."""
-    from latentdit.io import atomic_write
-
-    with atomic_write(path, "wb") as f:
-        np.savez(f, images=np.ascontiguousarray(images, dtype=np.uint8),
-                 labels=np.asarray(labels, dtype=np.int64))
-
-
-def read_chunk(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
-    try:
-        with np.load(path) as z:
-            return z["images"], z["labels"]
-    except Exception as e:
-        raise LatentDiTError(f"chunk file {path} is unreadable ({e}); delete it to have it sampled again") from e
-
-
-def prepare_chunk_dir(chunk_dir: str | Path, settings: dict, create: bool = True) -> None:
-    """Create the chunk folder with its settings, or check that a resumed run uses the same settings.
-
-    With ``create=False`` (non-main processes, after the main one created it) only the check is done.
-    """
-    from latentdit.io import read_json, write_json
-
-    chunk_dir = Path(chunk_dir)
-    path = chunk_dir / CHUNK_SETTINGS
-    if create:
-        chunk_dir.mkdir(parents=True, exist_ok=True)
-    if path.is_file() or not create:
-        old = read_json(path, "chunk settings")
-        diffs = [f"{k}: {old.get(k)!r} (earlier run) vs {v!r} (now)"
-                 for k, v in settings.items() if old.get(k) != v]
-        if diffs:
-            raise LatentDiTError(
-                f"{chunk_dir} holds chunks from a run with other settings ({'; '.join(diffs)}); "
-                "use another output folder or delete that one to start over"
-            )
-    else:
-        write_json(path, settings)
-
-
-def _npy_header(shape: tuple[int, ...], dtype: np.dtype) -> bytes:
-    import io
-
-    buf = io.BytesIO()
-    np.lib.format.write_array_header_2_0(
-        buf, {"descr": np.lib.format.dtype_to_descr(np.dtype(dtype)), "fortran_order": False, "shape": shape})
-    return buf.getvalue()
-
-
-def gather_chunks(chunk_dir: str | Path, num_samples: int, chunk_size: int, out_path: str | Path) -> Path:
-    """Write the ADM-style ``.npz`` (``arr_0``: uint8 N×H×W×3 images, ``arr_1``: int64 labels), atomically.
-
-    Chunks are streamed into the archive one at a time, so memory stays at one chunk.
-    """
-    import zipfile
-
-    from latentdit.io import atomic_path
-
-    total = num_chunks(num_samples, chunk_size)
-    missing = missing_chunks(chunk_dir, total)
-    if missing:
-        raise LatentDiTError(f"cannot gather: {len(missing)} chunk(s) missing in {chunk_dir} (first: {missing[0]})")
-    first, _ = read_chunk(chunk_path(chunk_dir, 0))
-    image_shape = tuple(first.shape[1:])
-    with atomic_path(out_path) as tmp:
-        with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_STORED, allowZip64=True) as zf:
-            with zf.open("arr_0.npy", "w", force_zip64=True) as f:
-                f.write(_npy_header((num_samples, *image_shape), np.uint8))
-                chunk_labels = []
-                for k in range(total):
-                    images, labels = read_chunk(chunk_path(chunk_dir, k))
-                    expect = len(chunk_range(k, num_samples, chunk_size))
-                    if images.shape != (expect, *image_shape) or images.dtype != np.uint8:
-                        raise LatentDiTError(f"chunk {chunk_path(chunk_dir, k)} holds {images.shape} {images.dtype}, "
-                                             f"expected {(expect, *image_shape)} uint8")
-                    f.write(np.ascontiguousarray(images).tobytes())
-                    chunk_labels.append(labels)
-            all_labels = np.concatenate(chunk_labels)
-            with zf.open("arr_1.npy", "w", force_zip64=True) as f:
-                f.write(_npy_header(all_labels.shape, np.int64))
-                f.write(all_labels.astype(np.int64).tobytes())
-    return Path(out_path)

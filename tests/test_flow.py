@@ -218,3 +218,76 @@ def test_bad_settings_name_the_field(fields, match):
 def test_metadata_with_foreign_fields_is_refused():
     with pytest.raises(LatentDiTError, match="unknown field.*prediction"):
         process_from_metadata({"process": "ddpm", "prediction": "v"})
+
+
+# ----------------------------------------------------------------------------------------------
+# Flow samplers on a linear-Gaussian toy with a known exact flow
+# ----------------------------------------------------------------------------------------------
+# Data x0 ~ N(μ, σ²) per element. Then x_t ~ N((1 − t)μ, s(t)²) with s(t)² = (1 − t)²σ² + t², the exact
+# probability-flow velocity is v(x, t) = −μ + (t − (1 − t)σ²)/s(t)² · (x − (1 − t)μ), and the ODE carries
+# x_1 = z to x_0 = μ + σ·z exactly.
+
+MU, SIGMA = 0.7, 0.4
+
+
+def _toy_output(x, t_model, prediction="v"):
+    t = (t_model / FLOW_MODEL_TIME_SCALE).double().view(-1, 1)
+    x = x.double()
+    s2 = (1 - t) ** 2 * SIGMA ** 2 + t ** 2
+    v = -MU + (t - (1 - t) * SIGMA ** 2) / s2 * (x - (1 - t) * MU)
+    return v if prediction == "v" else x - t * v  # x-prediction: the exact posterior mean E[x0 | x_t]
+
+
+def _toy_error(sampler, steps, prediction="v", shift=1.0):
+    from latentdit.diffusion.samplers import flow_grid
+
+    z = torch.linspace(-2, 2, 9, dtype=torch.float64).view(-1, 1)
+    grid = flow_grid(FlowProcess(prediction=prediction), steps, shift)
+    x0 = sampler(lambda x, t: _toy_output(x, t, prediction), z.clone(), grid)
+    return (x0 - (MU + SIGMA * z)).abs().max().item()
+
+
+@pytest.mark.parametrize("prediction", ["v", "x"])
+def test_euler_converges_at_first_and_heun_at_second_order(prediction):
+    from latentdit.diffusion.samplers import sample_euler, sample_heun
+
+    euler = [_toy_error(sample_euler, n, prediction) for n in (20, 40, 80)]
+    heun = [_toy_error(sample_heun, n, prediction) for n in (20, 40, 80)]
+    for coarse, fine in zip(euler, euler[1:]):
+        assert 1.7 < coarse / fine < 2.3, euler      # error ∝ h
+    for coarse, fine in zip(heun, heun[1:]):
+        assert 3.4 < coarse / fine < 4.6, heun       # error ∝ h²
+    assert heun[-1] < euler[-1] / 10
+
+
+def test_shifted_step_grid():
+    from latentdit.diffusion.samplers import flow_grid, sample_heun
+
+    grid = flow_grid(FlowProcess(), 4, time_shift=3.0)
+    expected = [3 * t / (1 + 2 * t) for t in (1.0, 0.75, 0.5, 0.25, 0.0)]
+    assert grid.times == pytest.approx(expected) and grid.times[0] == 1.0 and grid.times[-1] == 0.0
+    # still solves the same ODE, at second order
+    coarse, fine = _toy_error(sample_heun, 40, shift=3.0), _toy_error(sample_heun, 80, shift=3.0)
+    assert fine < 0.005 and 3.4 < coarse / fine < 4.6
+
+
+def test_euler_maruyama_reproduces_the_data_distribution():
+    from latentdit.diffusion.samplers import GeneratorNoise, flow_grid, sample_euler_maruyama
+
+    g = torch.Generator().manual_seed(0)
+    z = torch.randn(40_000, 1, generator=g, dtype=torch.float64)
+    x0 = sample_euler_maruyama(_toy_output, z, flow_grid(FlowProcess(), 200), noise=GeneratorNoise(g))
+    assert abs(x0.mean().item() - MU) < 0.01
+    assert abs(x0.std().item() - SIGMA) < 0.01
+    # it is a different map from the ODE's: samples are not the deterministic image of z
+    assert (x0 - (MU + SIGMA * z)).abs().mean() > 0.05
+
+
+def test_heun_costs_two_evaluations_per_step_but_one_on_the_last():
+    from latentdit.diffusion.samplers import SAMPLERS, flow_grid, sample_heun
+
+    calls = []
+    sample_heun(lambda x, t: calls.append(float(t[0])) or _toy_output(x, t), torch.zeros(1, 1, dtype=torch.float64),
+                flow_grid(FlowProcess(), 5))
+    assert len(calls) == SAMPLERS["heun"].evaluations(5) == 9
+    assert 0.0 not in calls  # the velocity at t = 0 is never asked for

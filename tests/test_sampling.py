@@ -10,6 +10,8 @@ import pytest
 import torch
 
 from latentdit import sampling as S
+from latentdit.diffusion import FlowProcess
+from latentdit.diffusion.samplers import make_dpm_solver
 from latentdit.errors import LatentDiTError
 from latentdit.io import save_safetensors
 
@@ -21,12 +23,12 @@ STEPS = 4
 # Fixtures (also imported by test_sample_ddp.py)
 # ----------------------------------------------------------------------------------------------
 
-def make_tiny_dit(seed: int = 0, num_classes: int = len(CLASS_NAMES)):
+def make_tiny_dit(seed: int = 0, num_classes: int = len(CLASS_NAMES), learn_sigma: bool = True):
     """DiT-T/2 on 8×8×4 latents with every parameter perturbed, so outputs are non-trivial."""
     from latentdit.models.registry import create_dit
 
     torch.manual_seed(seed)
-    model = create_dit("DiT-T/2", input_size=8, num_classes=num_classes)
+    model = create_dit("DiT-T/2", input_size=8, num_classes=num_classes, learn_sigma=learn_sigma)
     with torch.no_grad():
         for p in model.parameters():
             if p.requires_grad:
@@ -34,11 +36,15 @@ def make_tiny_dit(seed: int = 0, num_classes: int = len(CLASS_NAMES)):
     return model.eval()
 
 
-def save_our_checkpoint(model, path: Path, class_names=CLASS_NAMES, vae: str | None = None) -> Path:
-    """Weights as the trainer writes them: safetensors + model config + class names (+ VAE) metadata."""
+def save_our_checkpoint(model, path: Path, class_names=CLASS_NAMES, vae: str | None = None,
+                        process=None) -> Path:
+    """Weights as the trainer writes them: safetensors + model config + class names (+ VAE, + process)
+    metadata."""
     meta = {S.META_MODEL: json.dumps(model.config), S.META_CLASS_NAMES: json.dumps(list(class_names))}
     if vae is not None:
         meta[S.META_VAE] = json.dumps(vae)
+    if process is not None:
+        meta[S.META_PROCESS] = json.dumps(process.metadata())
     save_safetensors(model.state_dict(), path, meta)
     return path
 
@@ -60,6 +66,11 @@ def tiny_model():
     return make_tiny_dit()
 
 
+@pytest.fixture(scope="module")
+def tiny_flow_model():
+    return make_tiny_dit(seed=2, learn_sigma=False)
+
+
 def _counting_hook(model):
     """Record (batch size, labels) of every forward of ``model``; returns (calls, handle)."""
     calls = []
@@ -70,9 +81,28 @@ def _counting_hook(model):
     return calls, model.register_forward_hook(hook)
 
 
-def _sample(model, sampler="ddim", seed=0, labels=(0, 1), **kw):
+DDPM_SAMPLERS = ("ddpm", "ddim", "dpm-solver")
+FLOW_SAMPLERS = ("euler", "heun", "euler-maruyama")
+FLOW = FlowProcess()
+
+
+def _sample(model, sampler="ddim", seed=0, labels=(0, 1), process=None, callback=None, **kw):
     kw.setdefault("num_steps", STEPS)
-    return S.sample_latents(model, list(labels), sampler=sampler, generator=torch.Generator().manual_seed(seed), **kw)
+    settings = S.SamplerSettings(sampler=sampler, **kw)
+    return S.sample_latents(model, list(labels), settings, process=process, callback=callback,
+                            noise=torch.Generator().manual_seed(seed))
+
+
+def _model_and_process(request, sampler):
+    if sampler in FLOW_SAMPLERS:
+        return request.getfixturevalue("tiny_flow_model"), FLOW
+    return request.getfixturevalue("tiny_model"), None
+
+
+def _evaluations(sampler, steps=STEPS):
+    from latentdit.diffusion.samplers import SAMPLERS
+
+    return SAMPLERS[sampler].evaluations(steps)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -80,10 +110,11 @@ def _sample(model, sampler="ddim", seed=0, labels=(0, 1), **kw):
 # ----------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("sampler", S.SAMPLERS)
-def test_sampler_is_deterministic_under_a_seed(tiny_model, sampler):
-    a = _sample(tiny_model, sampler, seed=0, cfg_scale=1.5)
-    b = _sample(tiny_model, sampler, seed=0, cfg_scale=1.5)
-    c = _sample(tiny_model, sampler, seed=1, cfg_scale=1.5)
+def test_sampler_is_deterministic_under_a_seed(request, sampler):
+    model, process = _model_and_process(request, sampler)
+    a = _sample(model, sampler, seed=0, cfg_scale=1.5, process=process)
+    b = _sample(model, sampler, seed=0, cfg_scale=1.5, process=process)
+    c = _sample(model, sampler, seed=1, cfg_scale=1.5, process=process)
     assert a.shape == (2, 4, 8, 8) and a.dtype == torch.float32
     assert torch.isfinite(a).all()
     assert torch.equal(a, b)
@@ -91,13 +122,14 @@ def test_sampler_is_deterministic_under_a_seed(tiny_model, sampler):
 
 
 @pytest.mark.parametrize("sampler", S.SAMPLERS)
-def test_cfg_one_runs_no_unconditional_pass(tiny_model, sampler):
-    calls, handle = _counting_hook(tiny_model)
+def test_cfg_one_runs_no_unconditional_pass(request, sampler):
+    model, process = _model_and_process(request, sampler)
+    calls, handle = _counting_hook(model)
     try:
-        _sample(tiny_model, sampler, cfg_scale=1.0)
+        _sample(model, sampler, cfg_scale=1.0, process=process)
     finally:
         handle.remove()
-    assert len(calls) == STEPS
+    assert len(calls) == _evaluations(sampler)
     assert all(n == 2 and labels == [0, 1] for n, labels in calls)
 
 
@@ -125,37 +157,46 @@ def test_ddpm_visits_respaced_original_timesteps(tiny_model):
     assert seen == expected == [999, 749, 500, 250, 0]
 
 
-def _timesteps(model, sampler):
+def _timesteps(model, sampler, process=None):
+    """The times the sampler visits, in the process's own units (ddpm: index; flow: t in [0, 1])."""
     seen = []
-    handle = model.register_forward_hook(lambda m, a, o: seen.append(int(a[1][0])))
+    scale = 1.0 if process is None else 1000.0
+    handle = model.register_forward_hook(lambda m, a, o: seen.append(float(a[1][0]) / scale))
     try:
-        _sample(model, sampler, cfg_scale=1.0)
+        _sample(model, sampler, cfg_scale=1.0, process=process)
     finally:
         handle.remove()
-    return seen
+    return seen if process is not None else [int(t) for t in seen]
 
 
 @pytest.mark.parametrize("sampler", S.SAMPLERS)
-def test_guidance_interval_is_honoured(tiny_model, sampler):
-    steps = _timesteps(tiny_model, sampler)
-    unguided = _sample(tiny_model, sampler, cfg_scale=1.0)
-    guided = _sample(tiny_model, sampler, cfg_scale=3.0)
+def test_guidance_interval_is_honoured(request, sampler):
+    model, process = _model_and_process(request, sampler)
+    steps = _timesteps(model, sampler, process)
+    unguided = _sample(model, sampler, cfg_scale=1.0, process=process)
+    guided = _sample(model, sampler, cfg_scale=3.0, process=process)
 
     # an interval containing no visited step: exactly the unguided run
-    gaps = [(b + 1, a - 1) for a, b in zip(steps, steps[1:]) if a - b > 2]
+    if process is None:
+        gaps = [(b + 1, a - 1) for a, b in zip(steps, steps[1:]) if a - b > 2]
+        whole = (0, 999)
+    else:
+        gaps = [(b + 0.01, a - 0.01) for a, b in zip(steps, steps[1:]) if a - b > 0.03]
+        whole = (0.0, 1.0)
     lo, hi = gaps[0]
-    outside = _sample(tiny_model, sampler, cfg_scale=3.0, guidance_interval=(lo, hi))
+    outside = _sample(model, sampler, cfg_scale=3.0, guidance_interval=(lo, hi), process=process)
     assert torch.equal(outside, unguided)
 
     # the whole range: exactly the guided run
-    everywhere = _sample(tiny_model, sampler, cfg_scale=3.0, guidance_interval=(0, 999))
+    everywhere = _sample(model, sampler, cfg_scale=3.0, guidance_interval=whole, process=process)
     assert torch.equal(everywhere, guided)
 
     # part of the range: uncond halves only at steps inside [lo, hi]
-    lo, hi = steps[-2], steps[1]
-    calls, handle = _counting_hook(tiny_model)
+    distinct = sorted(set(steps), reverse=True)
+    lo, hi = distinct[-2], distinct[1]
+    calls, handle = _counting_hook(model)
     try:
-        partial = _sample(tiny_model, sampler, cfg_scale=3.0, guidance_interval=f"{lo},{hi}")
+        partial = _sample(model, sampler, cfg_scale=3.0, guidance_interval=f"{lo},{hi}", process=process)
     finally:
         handle.remove()
     doubled = [n == 4 for n, _ in calls]
@@ -175,7 +216,7 @@ def test_guided_channels_3_differs_from_all_and_4_equals_all(tiny_model):
 def test_dpm_solver_scheduler_uses_our_schedule_and_learned_sigma_is_sliced(tiny_model):
     from latentdit.diffusion import get_betas
 
-    sched = S.make_dpm_solver(10)
+    sched = make_dpm_solver(10)
     assert sched.config.algorithm_type == "dpmsolver++" and sched.config.solver_order == 2
     assert np.allclose(sched.betas.numpy(), get_betas("linear", 1000), atol=1e-7)
     assert len(sched.timesteps) == 10 and int(sched.timesteps[0]) == 999
@@ -190,12 +231,17 @@ def test_bad_cfg_scale_is_an_error(tiny_model, bad):
 
 
 @pytest.mark.parametrize("kw, match", [
-    (dict(sampler="euler"), "unknown sampler"),
-    (dict(num_steps=0), "num-steps"),
+    (dict(sampler="plms"), r"unknown sampler 'plms' \(--sampler\)"),
+    (dict(sampler="euler"), r"sampler 'euler' \(--sampler\) samples flow models.*ddpm process; choose one of "
+                            r"ddpm, ddim, dpm-solver"),
+    (dict(num_steps=0), r"num_steps \(--num-steps\) must be between 1 and 1000"),
     (dict(num_steps=1001), "num-steps"),
     (dict(guidance_interval=(10, 5)), "guidance interval"),
+    (dict(guidance_interval=(0.5, 10)), "LO,HI"),
     (dict(guidance_interval="3"), "LO,HI"),
     (dict(guided_channels=5), "guided channels"),
+    (dict(time_shift=3.0), r"time_shift \(--time-shift\) applies to flow models only"),
+    (dict(ddim_map="stride"), r"ddim_map \(--ddim-map\) must be one of ddim, even"),
     (dict(labels=(0, 4)), "class ids in 0..3"),
 ])
 def test_bad_sampling_arguments(tiny_model, kw, match):
@@ -203,13 +249,43 @@ def test_bad_sampling_arguments(tiny_model, kw, match):
         _sample(tiny_model, **kw)
 
 
-def test_sample_seeded_is_independent_of_where_a_batch_starts(tiny_model):
-    labels = [0, 1, 2, 3]
-    whole = S.sample_seeded(tiny_model, labels, seed=7, batch_size=2, sampler="ddim", num_steps=STEPS, cfg_scale=1.5)
-    tail = S.sample_seeded(tiny_model, labels[2:], seed=7, first_index=2, batch_size=2, sampler="ddim",
-                           num_steps=STEPS, cfg_scale=1.5)
-    assert torch.equal(whole[2:], tail)
-    assert not torch.equal(whole[0], whole[1])
+@pytest.mark.parametrize("kw, match", [
+    (dict(sampler="ddim"), r"sampler 'ddim' \(--sampler\) samples ddpm models.*flow process; choose one of "
+                           r"euler, heun, euler-maruyama"),
+    (dict(guided_channels=3), r"guided channels \(--guided-channels\) other than 'all' apply to ddpm models"),
+    (dict(guidance_interval=(0.2, 1.5)), r"0 ≤ lo ≤ hi ≤ 1 \(flow times\)"),
+    (dict(time_shift=0.0), r"time_shift \(--time-shift\) must be a finite number > 0"),
+])
+def test_bad_sampling_arguments_for_a_flow_model(tiny_flow_model, kw, match):
+    kw.setdefault("sampler", "heun")
+    with pytest.raises(LatentDiTError, match=match):
+        _sample(tiny_flow_model, process=FLOW, **kw)
+
+
+def test_a_flow_process_refuses_a_learned_sigma_model(tiny_model):
+    with pytest.raises(LatentDiTError, match="learn_sigma"):
+        _sample(tiny_model, "heun", process=FLOW)
+
+
+@pytest.mark.parametrize("sampler", ["ddpm", "ddim", "euler-maruyama"])
+def test_sample_seeded_is_independent_of_batch_size_and_where_a_batch_starts(request, sampler):
+    model, process = _model_and_process(request, sampler)
+    settings = S.SamplerSettings(sampler=sampler, num_steps=STEPS, cfg_scale=1.5)
+    labels = [0, 1, 2, 3, 1]
+    whole = S.sample_seeded(model, labels, settings, process=process, seed=7, batch_size=2)
+    for batch_size in (1, 3, 5):
+        other = S.sample_seeded(model, labels, settings, process=process, seed=7, batch_size=batch_size)
+        torch.testing.assert_close(other, whole, rtol=1e-5, atol=1e-5)  # batched matmuls round differently
+    tail = S.sample_seeded(model, labels[2:], settings, process=process, seed=7, first_index=2, batch_size=2)
+    torch.testing.assert_close(tail, whole[2:], rtol=1e-5, atol=1e-5)
+    assert (whole[1] - whole[4]).abs().max() > 1e-2  # same label, other seed
+    # the step noise matters: a stochastic sampler's result is not a function of x_T alone
+    if sampler != "ddim":
+        again = S.sample_seeded(model, labels[:1], settings, process=process, seed=7, batch_size=1)
+        x_T = S.per_sample_noise(7, [0]).draw((1, 4, 8, 8), "cpu")
+        other_steps = S.sample_latents(model, labels[:1], settings, process=process, x_T=x_T,
+                                       noise=torch.Generator().manual_seed(99))
+        assert (again - other_steps).abs().max() > 1e-3
 
 
 # ----------------------------------------------------------------------------------------------
@@ -302,7 +378,8 @@ def test_vae_and_schedule_come_from_the_training_run_when_metadata_lacks_them(tm
     (step / "state.json").write_text(json.dumps({"step": 5, "config": {
         "diffusion": {"noise_schedule": "cosine", "diffusion_steps": 500}, "data": {"latents": str(latents)}}}))
     ck = S.load_model_for_sampling(tmp_path / "run")
-    assert (ck.vae_spec, ck.noise_schedule, ck.diffusion_steps) == ("my/vae-dir", "cosine", 500)
+    assert ck.vae_spec == "my/vae-dir"
+    assert ck.process.metadata() == {"process": "ddpm", "noise_schedule": "cosine", "diffusion_steps": 500}
     # metadata wins over the run's state
     save_our_checkpoint(tiny_model, step / "ema.safetensors", vae="other/vae")
     assert S.load_model_for_sampling(step).vae_spec == "other/vae"
@@ -410,3 +487,46 @@ def test_sample_tool_bad_input_exits_2_with_a_message(tmp_path, tiny_model, caps
     assert code == 2
     assert match in capsys.readouterr().err
     assert not (tmp_path / "g.png").exists()
+
+
+# ----------------------------------------------------------------------------------------------
+# DDIM's timestep map, sampler callbacks
+# ----------------------------------------------------------------------------------------------
+
+def test_ddim_visits_ddims_strided_timesteps_by_default(tiny_model):
+    from latentdit.diffusion import space_timesteps
+
+    seen = []
+    handle = tiny_model.register_forward_hook(lambda m, a, o: seen.append(int(a[1][0])))
+    try:
+        _sample(tiny_model, "ddim", num_steps=50, cfg_scale=1.0, labels=(0,))
+        strided = list(seen)
+        seen.clear()
+        _sample(tiny_model, "ddim", num_steps=50, cfg_scale=1.0, labels=(0,), ddim_map="even")
+    finally:
+        handle.remove()
+    assert strided == sorted(space_timesteps(1000, "ddim50"), reverse=True)
+    assert strided[:3] == [980, 960, 940] and strided[-1] == 0
+    assert seen == sorted(space_timesteps(1000, "50"), reverse=True)
+    assert sum(a != b for a, b in zip(strided, seen)) >= 40  # the two maps differ almost everywhere
+
+
+@pytest.mark.parametrize("sampler", S.SAMPLERS)
+def test_callback_sees_every_step_with_its_state_time_and_estimate(request, sampler):
+    model, process = _model_and_process(request, sampler)
+    infos = []
+    out = _sample(model, sampler, cfg_scale=2.0, process=process, callback=infos.append)
+    assert [info["i"] for info in infos] == list(range(STEPS))
+    times = [info["t"] for info in infos]
+    assert times == sorted(times, reverse=True) and len(set(times)) == STEPS
+    if process is None:
+        assert all(isinstance(t, int) for t in times)
+    else:
+        assert times[0] == 1.0 and 0 < times[-1] < 1
+    x_T = S.GeneratorNoise(torch.Generator().manual_seed(0)).draw((2, 4, 8, 8), "cpu")
+    torch.testing.assert_close(infos[0]["x"], x_T)  # the first state is the initial noise
+    for info in infos:
+        assert info["x"].shape == info["denoised"].shape == out.shape
+        assert torch.isfinite(info["denoised"]).all()
+    # the estimate at the last step is close to the result (it is the result for a deterministic last step)
+    assert (infos[-1]["denoised"] - out).abs().mean() < (infos[0]["denoised"] - out).abs().mean()

@@ -49,6 +49,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     labels = (S.parse_labels(args.labels, ckpt.num_classes, ckpt.class_names) if args.labels is not None
               else S.default_labels(ckpt.num_classes))
     settings = S.settings_from_args(args).resolved(ckpt.process, ckpt.model.in_channels)
+    S.check_guidance_possible(ckpt.model, settings.cfg_scale)  # before any output is written
     vae = S.load_vae_for(ckpt, args.vae, device=device)
 
     per_sample = [lab for lab in labels for _ in range(args.samples_per_label)]

@@ -3,8 +3,9 @@
     accelerate launch --multi_gpu --num_processes 8 tools/sample_ddp.py --ckpt run/ema.safetensors \\
         --num-samples 50000 --cfg-scale 1.5 --out-dir samples/cfg1.5
 
-Labels are balanced (sample i has class i % num_classes) and sample i's noise is seeded by
-(--seed, i), so the result does not depend on the number of processes. Work is cut into chunks
+Labels are balanced (sample i has class i % num_classes) and sample i's initial and step noise
+come from a generator seeded by (--seed, i), so the result depends neither on the number of
+processes nor on --batch-size. Work is cut into chunks
 written atomically under OUT_DIR/.chunks/; after a kill, run the same command again: finished
 chunks are kept and only the missing ones are sampled. The main process finally writes
 OUT_DIR/samples.npz.
@@ -19,9 +20,10 @@ from typing import Sequence
 
 import torch
 
-from latentdit.cli import make_parser, non_negative_float, non_negative_int, positive_int, run_main
-from latentdit.errors import LatentDiTError
+from latentdit import sample_store as store
 from latentdit import sampling as S
+from latentdit.cli import make_parser, non_negative_int, positive_int, run_main
+from latentdit.errors import LatentDiTError
 
 
 def build_parser():
@@ -29,12 +31,8 @@ def build_parser():
     p.add_argument("--ckpt", required=True, help="weights file, checkpoint folder step-XXXXXXX, or run folder")
     p.add_argument("--model", default=None, help="model config name (needed only when the file has no metadata)")
     p.add_argument("--num-samples", type=positive_int, default=50_000)
-    p.add_argument("--cfg-scale", type=non_negative_float, default=1.5, help="1 = no guidance (no uncond pass)")
-    p.add_argument("--guidance-interval", default=None, help="LO,HI original timestep indices (inclusive)")
-    p.add_argument("--guided-channels", default="all", help="'all' or k (guide the first k latent channels)")
-    p.add_argument("--sampler", choices=S.SAMPLERS, default="ddpm")
-    p.add_argument("--num-steps", type=positive_int, default=None,
-                   help=f"sampling steps (default: {S.DEFAULT_NUM_STEPS})")
+    S.add_label_table_arguments(p)
+    S.add_sampler_arguments(p, cfg_scale=1.5)
     p.add_argument("--seed", type=non_negative_int, default=0)
     p.add_argument("--vae", default=None, help="VAE spec (default: the checkpoint's, else the bundled VAE)")
     p.add_argument("--out-dir", required=True, type=Path, help="folder for .chunks/ and samples.npz")
@@ -55,31 +53,32 @@ def main(argv: Sequence[str] | None = None) -> int:
     device = state.device
     dtype = S.resolve_dtype(args.precision, device)
 
-    ckpt = S.load_model_for_sampling(args.ckpt, args.model, device=device)
-    cfg_scale = S.check_cfg_scale(args.cfg_scale)
-    num_steps = S.check_sampler(args.sampler, args.num_steps, ckpt.diffusion_steps)
-    interval = S.parse_guidance_interval(args.guidance_interval, ckpt.diffusion_steps)
-    guided = S.parse_guided_channels(args.guided_channels, ckpt.model.in_channels)
+    ckpt = S.load_model_for_sampling(args.ckpt, args.model, device=device, num_classes=args.num_classes,
+                                      null_class=not args.no_null_class)
+    sampling = S.settings_from_args(args).resolved(ckpt.process, ckpt.model.in_channels)
+    S.check_guidance_possible(ckpt.model, sampling.cfg_scale)  # before any output is written
     if args.batch_size > args.chunk_size:
         raise LatentDiTError(f"--batch-size ({args.batch_size}) must not exceed --chunk-size ({args.chunk_size})")
     vae = S.load_vae_for(ckpt, args.vae, device=device, dtype=dtype or torch.float32)
 
     out_dir: Path = args.out_dir
-    chunk_dir = out_dir / S.CHUNK_DIR
-    total = S.num_chunks(args.num_samples, args.chunk_size)
+    chunk_dir = out_dir / store.CHUNK_DIR
+    total = store.num_chunks(args.num_samples, args.chunk_size)
     settings = {
         "ckpt": str(ckpt.path.resolve()), "ckpt_bytes": ckpt.path.stat().st_size, "model": ckpt.model_name,
-        "num_samples": args.num_samples, "num_classes": ckpt.num_classes, "cfg_scale": cfg_scale,
-        "guidance_interval": list(interval) if interval else None, "guided_channels": guided,
-        "sampler": args.sampler, "num_steps": num_steps, "seed": args.seed, "vae": vae.spec,
-        "chunk_size": args.chunk_size, "batch_size": args.batch_size,
+        "num_samples": args.num_samples, "num_classes": ckpt.num_classes, "process": ckpt.process.metadata(),
+        "cfg_scale": sampling.cfg_scale,
+        "guidance_interval": list(sampling.guidance_interval) if sampling.guidance_interval else None,
+        "guided_channels": sampling.guided_channels, "sampler": sampling.sampler, "num_steps": sampling.num_steps,
+        "time_shift": sampling.time_shift, "ddim_map": sampling.ddim_map, "seed": args.seed, "vae": vae.spec,
+        "chunk_size": args.chunk_size,
         "precision": str(dtype).replace("torch.", "") if dtype else "fp32",
     }
     if state.is_main_process:
-        S.prepare_chunk_dir(chunk_dir, settings)
+        store.prepare_chunk_dir(chunk_dir, settings)
     state.wait_for_everyone()
-    S.prepare_chunk_dir(chunk_dir, settings, create=False)  # every rank fails alike on a mismatch
-    missing = S.missing_chunks(chunk_dir, total)
+    store.prepare_chunk_dir(chunk_dir, settings, create=False)  # every rank fails alike on a mismatch
+    missing = store.missing_chunks(chunk_dir, total)
     state.wait_for_everyone()  # every rank has listed before anyone writes
     mine = missing[state.process_index::state.num_processes]
     if state.is_main_process:
@@ -89,20 +88,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     bar = None
     if state.is_main_process and mine:
         from tqdm.auto import tqdm
-        bar = tqdm(total=len(mine) * args.chunk_size, desc=f"samples (rank 0 of {state.num_processes})",
-                   unit="img")
+        bar = tqdm(total=store.samples_in_chunks(mine, args.num_samples, args.chunk_size),
+                   desc=f"samples (rank 0 of {state.num_processes})", unit="img")
     t0 = time.perf_counter()
     for k in mine:
-        idx = S.chunk_range(k, args.num_samples, args.chunk_size)
-        labels = S.balanced_labels(idx, ckpt.num_classes)
+        idx = store.chunk_range(k, args.num_samples, args.chunk_size)
+        labels = store.balanced_labels(idx, ckpt.num_classes)
         latents = S.sample_seeded(
-            ckpt.model, labels, seed=args.seed, first_index=idx.start, batch_size=args.batch_size,
-            cfg_scale=cfg_scale, sampler=args.sampler, num_steps=num_steps, guided_channels=guided,
-            guidance_interval=interval, device=device, dtype=dtype, noise_schedule=ckpt.noise_schedule,
-            diffusion_steps=ckpt.diffusion_steps,
+            ckpt.model, labels, sampling, process=ckpt.process, seed=args.seed, first_index=idx.start,
+            batch_size=args.batch_size, device=device, dtype=dtype,
         )
         images = S.decode_to_uint8(vae, latents.to(device), batch_size=args.batch_size)
-        S.write_chunk(S.chunk_path(chunk_dir, k), images, labels)
+        store.write_chunk(store.chunk_path(chunk_dir, k), images, labels)
         if bar is not None:
             bar.update(len(idx))
     if bar is not None:
@@ -110,7 +107,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     state.wait_for_everyone()
 
     if state.is_main_process:
-        out = S.gather_chunks(chunk_dir, args.num_samples, args.chunk_size, out_dir / "samples.npz")
+        out = store.gather_chunks(chunk_dir, args.num_samples, args.chunk_size, out_dir / "samples.npz")
         dt = time.perf_counter() - t0
         print(f"wrote {out} ({args.num_samples} samples; this run sampled {len(missing)} chunk(s) in {dt:.1f} s)")
     state.wait_for_everyone()

@@ -142,11 +142,16 @@ class FlowProcess:
 
     def velocity_and_x0(self, model_output: torch.Tensor, x_t: torch.Tensor,
                         t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(velocity, x0 estimate) from a model output at ``x_t`` and flow times ``t`` [N]."""
+        """(velocity, x0 estimate) from a model output at ``x_t`` and flow times ``t`` [N] — for sampling.
+
+        With x-prediction the velocity is (x_t − x̂0)/t without the training loss's clamp, so an Euler
+        step onto t = 0 lands exactly on x̂0; the samplers never evaluate the model at t = 0.
+        """
         out = self._check_output(model_output, x_t)
+        tt = _view(t, x_t)
         if self.prediction == "v":
-            return out, x_t - _view(t, x_t) * out
-        return velocity_from_x0(x_t, out, t), out
+            return out, x_t - tt * out
+        return (x_t - out) / tt.clamp(min=torch.finfo(tt.dtype).tiny), out
 
     # ------------------------------------------------------------------ loss
 

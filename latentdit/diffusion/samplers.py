@@ -1,22 +1,77 @@
-"""Ancestral DDPM and DDIM sampling over a (possibly respaced) :class:`GaussianDiffusion`.
+"""Samplers: from noise to latents along a grid of times, all with one signature::
 
-``model_fn(x, t_original)`` returns the model output for a batch; ``t_original`` is a long tensor [N]
-of original training indices (the respacing map is applied here). Guidance is the caller's business:
-wrap the model in ``model_fn``. Randomness comes only from the ``generator`` (or the ``noise`` given),
-so sampling is deterministic under a seed. The generator must live on ``device``.
+    sampler(model_fn, x, grid, *, noise=None, callback=None, progress=False, **options) -> x0
+
+* ``model_fn(x, t_model)`` returns the network's output for a batch (guidance is the caller's business:
+  wrap the model); ``t_model`` is a tensor [N] of the DiT's timestep input (original training indices
+  for the DDPM process, ``t · FLOW_MODEL_TIME_SCALE`` for flow).
+* ``x`` is the initial noise x_T (float32); the result is x_0.
+* ``grid`` says where the chain goes: a (respaced) :class:`GaussianDiffusion` for ``ddpm`` / ``ddim``,
+  a DPM-Solver++ scheduler from :func:`make_dpm_solver` for ``dpm-solver``, a :class:`FlowGrid` for
+  ``euler`` / ``heun`` / ``euler-maruyama``.
+* ``noise`` is a :class:`NoiseSource`: stochastic samplers draw each step's fresh noise from it, so
+  sampling is deterministic under a seed (per-sample sources make it independent of the batch split).
+* ``callback(info)`` is called once per model evaluation on the chain with ``info = {"x": x_t,
+  "i": step index, "t": time, "denoised": x0 estimate}``; ``t`` is the process's own time (original
+  timestep index for ddpm, flow time in [0, 1] for flow) and ``x`` the state the model was evaluated at.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, Callable, Sequence
 
+import numpy as np
 import torch
 
+from latentdit.diffusion.flow import FlowProcess, shift_time
 from latentdit.diffusion.gaussian import GaussianDiffusion
 from latentdit.errors import LatentDiTError
 
 ModelFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+Callback = Callable[[dict[str, Any]], None]
+
+
+# ----------------------------------------------------------------------------------------------
+# Noise
+# ----------------------------------------------------------------------------------------------
+
+class NoiseSource:
+    """Standard normal draws for a batch; :class:`GeneratorNoise` or :class:`PerSampleNoise`."""
+
+    def draw(self, shape: Sequence[int], device: torch.device | str, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        raise NotImplementedError
+
+    def like(self, x: torch.Tensor) -> torch.Tensor:
+        return self.draw(x.shape, x.device, x.dtype)
+
+
+class GeneratorNoise(NoiseSource):
+    """Draws for the whole batch from one generator (on the generator's device, then moved)."""
+
+    def __init__(self, generator: torch.Generator | None) -> None:
+        self.generator = generator
+
+    def draw(self, shape, device, dtype=torch.float32):
+        where = self.generator.device if self.generator is not None else device
+        return torch.randn(tuple(shape), generator=self.generator, device=where, dtype=dtype).to(device)
+
+
+class PerSampleNoise(NoiseSource):
+    """Row j of every draw comes from its own CPU generator ``generators[j]``: a sample's initial and
+    step noise then depend only on its generator, not on which batch (or process) it is sampled in."""
+
+    def __init__(self, generators: Sequence[torch.Generator]) -> None:
+        self.generators = list(generators)
+
+    def draw(self, shape, device, dtype=torch.float32):
+        shape = tuple(shape)
+        if shape[0] != len(self.generators):
+            raise LatentDiTError(f"noise for {shape[0]} samples requested from {len(self.generators)} per-sample "
+                                 "generators")
+        rows = [torch.randn(shape[1:], generator=g, dtype=dtype) for g in self.generators]
+        return torch.stack(rows).to(device)
 
 
 def _step_noise(x: torch.Tensor, noise: torch.Tensor | None, generator: torch.Generator | None) -> torch.Tensor:
@@ -26,6 +81,18 @@ def _step_noise(x: torch.Tensor, noise: torch.Tensor | None, generator: torch.Ge
         raise LatentDiTError(f"step noise shape {tuple(noise.shape)} differs from sample shape {tuple(x.shape)}")
     return noise.to(device=x.device, dtype=x.dtype)
 
+
+def _progress(steps: range, progress: bool, desc: str):
+    if not progress:
+        return steps
+    from tqdm.auto import tqdm
+
+    return tqdm(steps, desc=desc, leave=False)
+
+
+# ----------------------------------------------------------------------------------------------
+# DDPM process: single steps
+# ----------------------------------------------------------------------------------------------
 
 def _check_eta(eta: float) -> None:
     if isinstance(eta, bool) or not isinstance(eta, (int, float)) or not math.isfinite(eta) or eta < 0:
@@ -74,6 +141,206 @@ def ddim_step(diffusion: GaussianDiffusion, model_output: torch.Tensor, x: torch
     return x_prev, pred_x0
 
 
+# ----------------------------------------------------------------------------------------------
+# DDPM process: samplers
+# ----------------------------------------------------------------------------------------------
+
+def _gaussian_chain(model_fn: ModelFn, x: torch.Tensor, diffusion: GaussianDiffusion, step: Callable[..., tuple],
+                    callback: Callback | None, progress: bool, desc: str) -> torch.Tensor:
+    for i in _progress(range(diffusion.num_timesteps), progress, desc):
+        index = diffusion.num_timesteps - 1 - i
+        t = torch.full((x.shape[0],), index, dtype=torch.long, device=x.device)
+        t_model = diffusion.model_timesteps(t)
+        with torch.no_grad():
+            x_next, pred_x0 = step(model_fn(x, t_model), x, t)
+        if callback is not None:
+            callback({"x": x, "i": i, "t": int(t_model[0]), "denoised": pred_x0})
+        x = x_next
+    return x
+
+
+def sample_ddpm(model_fn: ModelFn, x: torch.Tensor, grid: GaussianDiffusion, *, noise: NoiseSource | None = None,
+                callback: Callback | None = None, progress: bool = False, clip_denoised: bool = False) -> torch.Tensor:
+    """Ancestral sampling through every step of ``grid`` (respace it: ``create_diffusion("250")``)."""
+    noise = noise or GeneratorNoise(None)
+
+    def step(out: torch.Tensor, x: torch.Tensor, t: torch.Tensor) -> tuple:
+        return ddpm_step(grid, out, x, t, noise=noise.like(x), clip_denoised=clip_denoised)
+
+    return _gaussian_chain(model_fn, x, grid, step, callback, progress, "DDPM")
+
+
+def sample_ddim(model_fn: ModelFn, x: torch.Tensor, grid: GaussianDiffusion, *, noise: NoiseSource | None = None,
+                callback: Callback | None = None, progress: bool = False, eta: float = 0.0,
+                clip_denoised: bool = False) -> torch.Tensor:
+    """DDIM through every step of ``grid`` (``eta`` = 0: deterministic given x_T; noise is drawn
+    only when eta > 0). DDIM's own grid is ``create_diffusion("ddim50")``."""
+    _check_eta(eta)
+    noise = noise or GeneratorNoise(None)
+
+    def step(out: torch.Tensor, x: torch.Tensor, t: torch.Tensor) -> tuple:
+        z = noise.like(x) if eta > 0 else None
+        return ddim_step(grid, out, x, t, eta=eta, noise=z, clip_denoised=clip_denoised)
+
+    return _gaussian_chain(model_fn, x, grid, step, callback, progress, "DDIM")
+
+
+def make_dpm_solver(num_steps: int, noise_schedule: str = "linear", diffusion_steps: int = 1000):
+    """diffusers' DPM-Solver++ (2nd-order multistep, eps prediction) on our beta schedule, with
+    ``num_steps`` timesteps set: the grid of :func:`sample_dpm_solver`."""
+    try:
+        from diffusers import DPMSolverMultistepScheduler
+    except ImportError as e:
+        raise LatentDiTError("the dpm-solver sampler needs diffusers: pip install diffusers") from e
+    from latentdit.diffusion.schedules import get_betas
+
+    betas = np.asarray(get_betas(noise_schedule, diffusion_steps), dtype=np.float64)
+    scheduler = DPMSolverMultistepScheduler(
+        num_train_timesteps=diffusion_steps, trained_betas=betas, algorithm_type="dpmsolver++",
+        solver_order=2, prediction_type="epsilon", lower_order_final=True,
+    )
+    scheduler.set_timesteps(num_steps)
+    return scheduler
+
+
+def sample_dpm_solver(model_fn: ModelFn, x: torch.Tensor, grid, *, noise: NoiseSource | None = None,
+                      callback: Callback | None = None, progress: bool = False) -> torch.Tensor:
+    """DPM-Solver++ (deterministic: ``noise`` is not used) over the timesteps of the scheduler ``grid``.
+    Only the first C output channels (eps) are used; learned-σ channels are ignored."""
+    channels = x.shape[1]
+    x = x * grid.init_noise_sigma
+    abar = grid.alphas_cumprod
+    timesteps = grid.timesteps
+    for i in _progress(range(len(timesteps)), progress, "DPM-Solver++"):
+        t = int(timesteps[i])
+        t_batch = torch.full((x.shape[0],), t, dtype=torch.long, device=x.device)
+        with torch.no_grad():
+            eps = model_fn(x, t_batch)[:, :channels]
+        if callback is not None:
+            a = float(abar[t])
+            callback({"x": x, "i": i, "t": t, "denoised": (x - math.sqrt(1.0 - a) * eps) / math.sqrt(a)})
+        x = grid.step(eps, timesteps[i], x).prev_sample
+    return x
+
+
+# ----------------------------------------------------------------------------------------------
+# Flow process: ODE and SDE samplers
+# ----------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class FlowGrid:
+    """Flow times from 1 (noise) down to 0 (data) and the process that reads the model's output."""
+
+    process: FlowProcess
+    times: tuple[float, ...]
+
+    @property
+    def num_steps(self) -> int:
+        return len(self.times) - 1
+
+
+def flow_grid(process: FlowProcess, num_steps: int, time_shift: float = 1.0) -> FlowGrid:
+    """``num_steps`` equal steps in t from 1 to 0, each time then shifted by ``time_shift``
+    (t' = s·t/(1 + (s − 1)·t): s > 1 takes smaller steps near the noise end)."""
+    if isinstance(num_steps, bool) or not isinstance(num_steps, int) or num_steps < 1:
+        raise LatentDiTError(f"flow sampling needs num_steps >= 1, got {num_steps!r}")
+    uniform = torch.linspace(1.0, 0.0, num_steps + 1, dtype=torch.float64)
+    return FlowGrid(process, tuple(float(t) for t in shift_time(uniform, float(time_shift))))
+
+
+def _flow_eval(model_fn: ModelFn, x: torch.Tensor, grid: FlowGrid, t: float) -> tuple[torch.Tensor, torch.Tensor]:
+    tt = torch.full((x.shape[0],), t, dtype=torch.float32, device=x.device)
+    with torch.no_grad():
+        out = model_fn(x, grid.process.model_time(tt))
+    return grid.process.velocity_and_x0(out.to(x.dtype), x, tt)
+
+
+def sample_euler(model_fn: ModelFn, x: torch.Tensor, grid: FlowGrid, *, noise: NoiseSource | None = None,
+                 callback: Callback | None = None, progress: bool = False) -> torch.Tensor:
+    """Euler on the probability-flow ODE dx/dt = v(x, t), one model evaluation per step (deterministic)."""
+    times = grid.times
+    for i in _progress(range(grid.num_steps), progress, "Euler"):
+        v, x0 = _flow_eval(model_fn, x, grid, times[i])
+        if callback is not None:
+            callback({"x": x, "i": i, "t": times[i], "denoised": x0})
+        x = x + (times[i + 1] - times[i]) * v
+    return x
+
+
+def sample_heun(model_fn: ModelFn, x: torch.Tensor, grid: FlowGrid, *, noise: NoiseSource | None = None,
+                callback: Callback | None = None, progress: bool = False) -> torch.Tensor:
+    """Heun (2nd order) on the probability-flow ODE: an Euler predictor, then the trapezoid of the
+    velocities at both ends. As in EDM the step that lands on t = 0 is a plain Euler step (with
+    x-prediction the velocity at t = 0 is not defined), so N steps cost 2N − 1 model evaluations."""
+    times = grid.times
+    for i in _progress(range(grid.num_steps), progress, "Heun"):
+        t, t_next = times[i], times[i + 1]
+        v, x0 = _flow_eval(model_fn, x, grid, t)
+        if callback is not None:
+            callback({"x": x, "i": i, "t": t, "denoised": x0})
+        x_euler = x + (t_next - t) * v
+        if t_next > 0:
+            v_next, _ = _flow_eval(model_fn, x_euler, grid, t_next)
+            x = x + (t_next - t) * 0.5 * (v + v_next)
+        else:
+            x = x_euler
+    return x
+
+
+def sample_euler_maruyama(model_fn: ModelFn, x: torch.Tensor, grid: FlowGrid, *, noise: NoiseSource | None = None,
+                          callback: Callback | None = None, progress: bool = False) -> torch.Tensor:
+    """Euler–Maruyama on the reverse-time SDE with the flow's marginals (SiT's sampler, diffusion
+    coefficient w(t) = t):  dx = [v − ½·w·∇log p_t] dt + √w dW̄, with the score ∇log p_t = −ε̂/t and
+    ε̂ = x + (1 − t)·v, i.e. drift v + ε̂/2. The step onto t = 0 adds no noise."""
+    noise = noise or GeneratorNoise(None)
+    times = grid.times
+    for i in _progress(range(grid.num_steps), progress, "Euler-Maruyama"):
+        t, t_next = times[i], times[i + 1]
+        v, x0 = _flow_eval(model_fn, x, grid, t)
+        if callback is not None:
+            callback({"x": x, "i": i, "t": t, "denoised": x0})
+        dt = t_next - t
+        if t_next > 0:
+            eps = x + (1.0 - t) * v
+            x = x + dt * (v + 0.5 * eps) + math.sqrt(t * -dt) * noise.like(x)
+        else:
+            x = x + dt * v
+    return x
+
+
+# ----------------------------------------------------------------------------------------------
+# Registry
+# ----------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class SamplerSpec:
+    """A sampler, the process it applies to and its default number of steps."""
+
+    fn: Callable[..., torch.Tensor]
+    process: str
+    default_steps: int
+    stochastic: bool
+    help: str
+
+    def evaluations(self, num_steps: int) -> int:
+        """Model evaluations (function evaluations, before guidance doubles the batch) for ``num_steps``."""
+        return 2 * num_steps - 1 if self.fn is sample_heun else num_steps
+
+
+SAMPLERS: dict[str, SamplerSpec] = {
+    "ddpm": SamplerSpec(sample_ddpm, "ddpm", 250, True, "ancestral DDPM on an evenly respaced grid"),
+    "ddim": SamplerSpec(sample_ddim, "ddpm", 50, False, "DDIM (eta 0) on DDIM's strided grid"),
+    "dpm-solver": SamplerSpec(sample_dpm_solver, "ddpm", 25, False, "DPM-Solver++ 2M (diffusers)"),
+    "euler": SamplerSpec(sample_euler, "flow", 50, False, "Euler on the flow ODE (1 evaluation per step)"),
+    "heun": SamplerSpec(sample_heun, "flow", 20, False, "Heun on the flow ODE (2 evaluations per step)"),
+    "euler-maruyama": SamplerSpec(sample_euler_maruyama, "flow", 100, True, "Euler–Maruyama on the flow SDE (SiT)"),
+}
+
+
+# ----------------------------------------------------------------------------------------------
+# Whole-chain helpers for a GaussianDiffusion (x_T drawn from a shape)
+# ----------------------------------------------------------------------------------------------
+
 def _initial_noise(shape: Sequence[int], generator: torch.Generator | None, device: torch.device | str,
                    noise: torch.Tensor | None) -> torch.Tensor:
     if noise is not None:
@@ -84,44 +351,23 @@ def _initial_noise(shape: Sequence[int], generator: torch.Generator | None, devi
     return torch.randn(tuple(shape), generator=generator, device=device, dtype=torch.float32)
 
 
-def _loop(diffusion: GaussianDiffusion, model_fn: ModelFn, shape: Sequence[int], step: Callable[..., tuple],
-          generator: torch.Generator | None, device: torch.device | str, noise: torch.Tensor | None,
-          progress: bool, desc: str) -> torch.Tensor:
-    x = _initial_noise(shape, generator, device, noise)
-    indices = range(diffusion.num_timesteps - 1, -1, -1)
-    if progress:
-        from tqdm.auto import tqdm
-
-        indices = tqdm(indices, desc=desc, leave=False)
-    for i in indices:
-        t = torch.full((x.shape[0],), i, dtype=torch.long, device=x.device)
-        with torch.no_grad():
-            model_output = model_fn(x, diffusion.model_timesteps(t))
-            x, _ = step(model_output, x, t)
-    return x
-
-
 def ddpm_sample(diffusion: GaussianDiffusion, model_fn: ModelFn, shape: Sequence[int],
                 generator: torch.Generator | None = None, device: torch.device | str = "cpu",
                 noise: torch.Tensor | None = None, progress: bool = False,
                 clip_denoised: bool = False) -> torch.Tensor:
-    """Ancestral sampling from x_T (``noise`` or drawn from ``generator``) through all steps of
-    ``diffusion``; returns x_0 (float32 latents of ``shape``)."""
-    def step(out: torch.Tensor, x: torch.Tensor, t: torch.Tensor) -> tuple:
-        return ddpm_step(diffusion, out, x, t, generator=generator, clip_denoised=clip_denoised)
-
-    return _loop(diffusion, model_fn, shape, step, generator, device, noise, progress, "DDPM")
+    """:func:`sample_ddpm` from x_T (``noise`` or drawn from ``generator``, which also gives the step
+    noise); returns x_0 (float32 latents of ``shape``)."""
+    x = _initial_noise(shape, generator, device, noise)
+    return sample_ddpm(model_fn, x, diffusion, noise=GeneratorNoise(generator), progress=progress,
+                       clip_denoised=clip_denoised)
 
 
 def ddim_sample(diffusion: GaussianDiffusion, model_fn: ModelFn, shape: Sequence[int],
                 generator: torch.Generator | None = None, device: torch.device | str = "cpu",
                 noise: torch.Tensor | None = None, progress: bool = False, eta: float = 0.0,
                 clip_denoised: bool = False) -> torch.Tensor:
-    """DDIM sampling (``eta`` = 0: deterministic given x_T) through all steps of ``diffusion``
-    (respace it, e.g. ``create_diffusion("ddim50")``); returns x_0 (float32 latents of ``shape``)."""
+    """:func:`sample_ddim` from x_T (``noise`` or drawn from ``generator``); returns x_0."""
     _check_eta(eta)
-
-    def step(out: torch.Tensor, x: torch.Tensor, t: torch.Tensor) -> tuple:
-        return ddim_step(diffusion, out, x, t, eta=eta, generator=generator, clip_denoised=clip_denoised)
-
-    return _loop(diffusion, model_fn, shape, step, generator, device, noise, progress, "DDIM")
+    x = _initial_noise(shape, generator, device, noise)
+    return sample_ddim(model_fn, x, diffusion, noise=GeneratorNoise(generator), progress=progress, eta=eta,
+                       clip_denoised=clip_denoised)
