@@ -2,15 +2,26 @@
 
 from __future__ import annotations
 
+import argparse
+import importlib.util
 import json
+from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
+from latentdit import sampling as S
+from latentdit.cli import run_main
 from latentdit.errors import LatentDiTError
 from latentdit.models import create_dit, load_dit, load_state_dict_file, save_dit
 from latentdit.models.checkpoint import METADATA_KEY, read_checkpoint
 from dit_helpers import randomize
+
+try:
+    from test_sampling import make_tiny_vae_dir
+except ImportError:  # tests/ imported as a package
+    from tests.test_sampling import make_tiny_vae_dir
 
 
 def tiny(**kw):
@@ -205,3 +216,122 @@ def test_save_dit_rejects_bad_targets(tmp_path):
         save_dit(model.state_dict(), tmp_path / "m.safetensors", dict(model.config, depth=2, hidden_size=64))
     with pytest.raises(LatentDiTError, match=r"unknown DiT config keys \['colour'\]"):
         save_dit(model, tmp_path / "m.safetensors", dict(model.config, colour="red"))
+
+
+# ---------------------------------------------------------------------------------------------------
+# checkpoints of the released train.py, and label tables without a null row
+# ---------------------------------------------------------------------------------------------------
+
+def _train_py_checkpoint(path, ema, raw, num_classes=10):
+    """What the released train.py saves: {"model", "ema", "opt", "args"}, args an argparse.Namespace."""
+    opt = torch.optim.AdamW(raw.parameters(), lr=1e-4, weight_decay=0)
+    raw.train()
+    raw(torch.randn(2, 4, 8, 8), torch.tensor([3, 400]), torch.tensor([1, 2])).square().mean().backward()
+    opt.step()
+    raw.eval()
+    args = argparse.Namespace(data_path="/data/train", results_dir="results", model="DiT-T/2", image_size=64,
+                              num_classes=num_classes, epochs=1400, global_batch_size=256, global_seed=0,
+                              vae="ema", num_workers=4, log_every=100, ckpt_every=50_000)
+    torch.save({"model": raw.state_dict(), "ema": ema.state_dict(), "opt": opt.state_dict(), "args": args}, path)
+    return path
+
+
+def _sample_tool_main():
+    spec = importlib.util.spec_from_file_location("sample_tool", Path(__file__).parents[1] / "tools" / "sample.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.main
+
+
+def _run_sample_tool(argv, capsys):
+    with pytest.raises(SystemExit) as e:
+        run_main(_sample_tool_main(), argv + ["--device", "cpu", "--num-steps", "2", "--sampler", "ddim"])
+    return e.value.code, capsys.readouterr().err
+
+
+def test_train_py_checkpoint_with_namespace_loads_its_ema_weights(tmp_path, capsys):
+    ema, raw = randomize(tiny(), seed=1), randomize(tiny(), seed=2)
+    path = _train_py_checkpoint(tmp_path / "0050000.pt", ema, raw)
+    ckpt = S.load_model_for_sampling(path)  # what tools/sample.py and tools/sample_ddp.py call
+    assert ckpt.model.config == ema.config and ckpt.num_classes == 10
+    assert torch.equal(outputs(ckpt.model), outputs(ema))
+    # the Namespace was allowed for that load only, not globally
+    with pytest.raises(Exception, match="Weights only load failed"):
+        torch.load(path, weights_only=True)
+    vae = make_tiny_vae_dir(tmp_path / "vae")
+    code, err = _run_sample_tool(["--ckpt", str(path), "--vae", str(vae), "--labels", "0,9", "--samples-per-label",
+                                  "1", "--cfg-scale", "1.5", "--out", str(tmp_path / "grid.png")], capsys)
+    assert code == 0, err
+    assert (tmp_path / "grid.png").is_file()
+
+
+_UNPICKLED: list[str] = []
+
+
+def _record_unpickling(tag: str) -> str:
+    _UNPICKLED.append(tag)
+    return tag
+
+
+class _Exploit:
+    """An object whose unpickling would run code (here: harmlessly record that it ran)."""
+
+    def __reduce__(self):
+        return _record_unpickling, ("ran",)
+
+
+@pytest.mark.parametrize("args", [_Exploit(), argparse.Namespace(model="DiT-T/2", hook=_Exploit())],
+                         ids=["other-class", "inside-namespace"])
+def test_checkpoint_with_another_pickled_object_is_refused(tmp_path, args):
+    model = tiny()
+    path = tmp_path / "evil.pt"
+    torch.save({"ema": model.state_dict(), "args": args}, path)
+    with pytest.raises(LatentDiTError, match=r"could not read checkpoint .*evil\.pt: .*refused for safety "
+                                             r"\(it pickles [\w.]*_record_unpickling\)"):
+        S.load_model_for_sampling(path)
+    assert _UNPICKLED == []
+
+
+def test_label_table_without_null_row(tmp_path, capsys):
+    no_null = randomize(tiny(class_dropout_prob=0.0))  # 10 classes, 10 rows, no null row
+    path = _train_py_checkpoint(tmp_path / "no_null.pt", no_null, randomize(tiny(class_dropout_prob=0.0), seed=4))
+    assert S.load_model_for_sampling(path).num_classes == 9  # the default reading: last row = null class
+    for kw in ({"null_class": False}, {"num_classes": 10}, {"num_classes": 10, "null_class": False}):
+        ckpt = S.load_model_for_sampling(path, **kw)
+        assert ckpt.model.config == no_null.config, kw
+        assert torch.equal(outputs(ckpt.model), outputs(no_null))
+    with_null = S.load_model_for_sampling(path, num_classes=9)
+    assert with_null.num_classes == 9 and with_null.model.null_class_id == 9
+    with pytest.raises(LatentDiTError, match=r"label table y_embedder.embedding_table has 10 rows; 7 classes need "
+                                             r"7 rows without a null row or 8 with one"):
+        S.load_model_for_sampling(path, num_classes=7)
+    with pytest.raises(LatentDiTError, match=r"has 10 rows; 9 classes need 9 rows \(without a null row\)"):
+        S.load_model_for_sampling(path, num_classes=9, null_class=False)
+
+    vae = make_tiny_vae_dir(tmp_path / "vae")
+    common = ["--ckpt", str(path), "--vae", str(vae), "--samples-per-label", "1", "--out", str(tmp_path / "g.png")]
+    code, err = _run_sample_tool(common + ["--no-null-class", "--labels", "9", "--cfg-scale", "4"], capsys)
+    assert code == 2 and "cfg scale 4 needs the model's null (unconditional) class row" in err
+    assert "--cfg-scale 1" in err and "Traceback" not in err and not (tmp_path / "g.png").exists()
+    code, err = _run_sample_tool(common + ["--no-null-class", "--labels", "9", "--cfg-scale", "1"], capsys)
+    assert code == 0, err  # class 9 is a real class now
+    code, err = _run_sample_tool(common + ["--num-classes", "10", "--labels", "0,9", "--cfg-scale", "1"], capsys)
+    assert code == 0, err
+    code, err = _run_sample_tool(common + ["--num-classes", "12", "--cfg-scale", "1"], capsys)
+    assert code == 2 and "has 10 rows; 12 classes need 12 rows without a null row or 13 with one" in err
+
+
+def test_sample_ddp_no_null_class_samples_every_row_as_a_class(tmp_path):
+    spec = importlib.util.spec_from_file_location("sample_ddp_tool", Path(__file__).parents[1] / "tools" / "sample_ddp.py")
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    no_null = randomize(tiny(class_dropout_prob=0.0))
+    path = _train_py_checkpoint(tmp_path / "no_null.pt", no_null, randomize(tiny(class_dropout_prob=0.0), seed=4))
+    vae = make_tiny_vae_dir(tmp_path / "vae")
+    argv = ["--ckpt", str(path), "--vae", str(vae), "--out-dir", str(tmp_path / "out"), "--num-samples", "10",
+            "--chunk-size", "10", "--batch-size", "10", "--sampler", "ddim", "--num-steps", "2", "--no-null-class"]
+    with pytest.raises(LatentDiTError, match="needs the model's null"):
+        tool.main(argv + ["--cfg-scale", "1.5"])
+    assert tool.main(argv + ["--cfg-scale", "1"]) == 0
+    with np.load(tmp_path / "out" / "samples.npz") as npz:
+        assert sorted(npz["arr_1"].tolist()) == list(range(10))
