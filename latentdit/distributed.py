@@ -13,8 +13,8 @@ Two concerns live here:
   ``accelerate launch`` shows it in its failure table. ``accelerate launch`` itself still ends with
   its own traceback and exit status 1: it re-raises the worker failure and nothing a worker does
   can change that. :func:`launch_main` (``python -m latentdit.launch``, same arguments as
-  ``accelerate launch``) runs accelerate's launcher in this process and turns a worker's user
-  error into that one line and exit status 2.
+  ``accelerate launch``) runs accelerate's launcher in this process, prints the first worker's
+  message itself (the workers then print none) and exits with status 2.
 """
 
 from __future__ import annotations
@@ -34,6 +34,8 @@ from typing import Sequence
 LAUNCHER_ENV = ("TORCHELASTIC_RUN_ID", "ACCELERATE_DYNAMO_BACKEND")
 #: Set by torchrun (and so by ``accelerate launch --multi_gpu``): where a worker leaves its error message.
 ERROR_FILE_ENV = "TORCHELASTIC_ERROR_FILE"
+#: Set by :func:`launch_main` for its workers: it prints their messages itself, once.
+LAUNCH_PRINTS_ENV = "LATENTDIT_LAUNCH_PRINTS_ERRORS"
 #: Seconds between two checks of the parent process.
 WATCH_INTERVAL_S = 1.0
 #: Exit status of a worker that stops because its launcher is gone (not a user error).
@@ -67,17 +69,20 @@ def one_line(text: str) -> str:
 
 def report_user_error(message: str) -> None:
     """Print ``prog: error: message`` on rank 0 (other ranks stay silent), and leave it in this worker's
-    launcher error file where one is set, so the launcher can show it whichever rank failed."""
+    launcher error file where one is set, so the launcher can show it whichever rank failed. Under
+    :func:`launch_main` with an error file, only the launcher prints (once, whichever ranks failed)."""
     line = f"{program_name()}: error: {one_line(message)}"
-    if rank() == 0:
-        print(line, file=sys.stderr, flush=True)
     path = os.environ.get(ERROR_FILE_ENV)
+    written = False
     if path:
         try:
             with open(path, "w") as f:
                 json.dump({"message": line, "timestamp": int(time.time())}, f)
+            written = True
         except OSError:
-            pass  # the message was printed (rank 0) or the launcher reports the exit status
+            pass
+    if rank() == 0 and not (written and os.environ.get(LAUNCH_PRINTS_ENV)):
+        print(line, file=sys.stderr, flush=True)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -149,25 +154,25 @@ def launch_main(argv: Sequence[str] | None = None) -> int:
     # the elastic agent logs every worker failure and every stop signal it sends: the workers' own
     # output says what went wrong, and the summary below says which process failed
     logging.getLogger("torch.distributed.elastic").setLevel(logging.CRITICAL)
+    os.environ[LAUNCH_PRINTS_ENV] = "1"  # inherited by the workers
     try:
         launch_command(args)
     except ChildFailedError as e:
         return _report_failures({r: (f.exitcode, f.message) for r, f in e.failures.items()})
-    except subprocess.CalledProcessError as e:  # one process: it printed its own message
-        return _report_failures({0: (e.returncode, None)})
+    except subprocess.CalledProcessError as e:  # one process without an error file: it printed its message
+        return EXIT_USER_ERROR if e.returncode == EXIT_USER_ERROR else _report_failures({0: (e.returncode, None)})
     return 0
 
 
 def _report_failures(failures: dict[int, tuple[int, object]]) -> int:
-    """Exit status for the failed workers ``{rank: (exit code, error-file message)}``; prints what the
-    workers did not print themselves."""
+    """Exit status for the failed workers ``{rank: (exit code, error-file message)}`` of a multi-process
+    launch; prints the first user error (the workers left it in their error files) or which process failed."""
     user = {r: msg for r, (code, msg) in failures.items() if code == EXIT_USER_ERROR}
     if user:
-        if 0 not in user:  # rank 0 prints its own user errors; another rank's message is in its error file
-            rank_, message = min(user.items())
-            text = message if isinstance(message, str) and message else (
-                f"process {rank_} stopped with a user error (exit status {EXIT_USER_ERROR})")
-            print(one_line(text), file=sys.stderr, flush=True)
+        rank_, message = min(user.items())
+        text = message if isinstance(message, str) and message else (
+            f"process {rank_} stopped on a user error (exit status {EXIT_USER_ERROR}) without a message")
+        print(one_line(text), file=sys.stderr, flush=True)
         return EXIT_USER_ERROR
     rank_, (code, _) = min(failures.items())
     status = 128 - code if code < 0 else code
