@@ -8,8 +8,8 @@ and after each model, since the load of a shared machine changes).
 
 * plain: ``torch.optim.AdamW`` with its defaults, random timesteps and label dropout inside the
   model, ``loss.item()`` every step, EMA as a Python loop over parameters (a textbook loop).
-* ours: :func:`latentdit.training.trainer.build_optimizer` (fused AdamW),
-  :func:`~latentdit.training.trainer.diffusion_loss` with per-step randomness drawn as the trainer
+* ours: :func:`latentdit.training.state.build_optimizer` (fused AdamW),
+  :func:`~latentdit.training.trainer.micro_batch_loss` with per-step randomness drawn as the trainer
   does, :class:`~latentdit.training.ema.EMA` (one foreach lerp), no host sync per step, accelerate's
   mixed precision, and ``torch.compile`` when enabled.
 
@@ -86,17 +86,18 @@ def make_ours(model_name: str, latent: Sequence[int], batch: int, device: torch.
     from accelerate import Accelerator
 
     from latentdit.config import TrainConfig
-    from latentdit.diffusion import create_diffusion
+    from latentdit.diffusion import build_process
     from latentdit.models import create_dit
     from latentdit.training.data import StepRandomness
     from latentdit.training.ema import EMA
-    from latentdit.training.trainer import build_optimizer, diffusion_loss
+    from latentdit.training.state import build_optimizer
+    from latentdit.training.trainer import micro_batch_loss
 
     torch.manual_seed(0)
     accelerator = Accelerator(mixed_precision=mixed_precision, cpu=device.type == "cpu")
     model = create_dit(model_name, input_size=latent[1], in_channels=latent[0], num_classes=1000).to(device)
     model.train()
-    diffusion = create_diffusion("")
+    process = build_process({"process": "ddpm"})
     opt = build_optimizer(model, TrainConfig(lr=1e-4), device)
     ema = EMA(model, 0.9999)
     prepared, opt = accelerator.prepare(model, opt)
@@ -106,9 +107,9 @@ def make_ours(model_name: str, latent: Sequence[int], batch: int, device: torch.
     counter = [0]
 
     def step() -> torch.Tensor:
-        rand = StepRandomness.draw(0, counter[0], batch, tuple(latent), diffusion.num_timesteps, 0.1)
+        rand = StepRandomness.draw(0, counter[0], batch, tuple(latent), process, 0.1)
         counter[0] += 1
-        loss = diffusion_loss(diffusion, forward, x, y, rand, label_dropout=True)
+        loss = micro_batch_loss(process, forward, x, y, rand, label_dropout=True)
         accelerator.backward(loss)
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -144,6 +145,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--compile", default="auto", choices=["auto", "on", "off"],
                    help="torch.compile our step (auto: on for cuda, off for cpu)")
     p.add_argument("--no-plain", action="store_true", help="time only our step")
+    p.add_argument("--plain-only", action="store_true", help="time only the plain loop (e.g. to see its own memory)")
+    p.add_argument("--matmul-size", type=int, default=4096, help="n of the n×n matmul that measures the peak")
     p.add_argument("--json", default=None, help="also write the results here")
     args = p.parse_args(argv)
 
@@ -162,8 +165,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     compile_model = args.compile == "on" or (args.compile == "auto" and gpu)
     latent = (4, args.latent_size, args.latent_size)
 
-    peak_fp32 = matmul_peak(device, torch.float32)
-    peak_ours = peak_fp32 if mp == "no" else matmul_peak(device, torch.bfloat16 if mp == "bf16" else torch.float16)
+    if args.no_plain and args.plain_only:
+        p.error("--no-plain and --plain-only exclude each other")
+    peak_fp32 = matmul_peak(device, torch.float32, n=args.matmul_size)
+    peak_ours = peak_fp32 if mp == "no" else matmul_peak(device, torch.bfloat16 if mp == "bf16" else torch.float16,
+                                                         n=args.matmul_size)
     name = torch.cuda.get_device_name(device) if gpu else f"CPU, {torch.get_num_threads()} threads"
     print(f"device: {name}; torch {torch.__version__}; matmul peak fp32 {peak_fp32 / 1e12:.3f} TFLOP/s"
           + (f", {mp} {peak_ours / 1e12:.3f} TFLOP/s" if mp != "no" else ""))
@@ -174,7 +180,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         fns: dict[str, Callable[[], Any]] = {}
         if not args.no_plain:
             fns["plain fp32 eager"] = make_plain(model_name, latent, batch, device)
-        fns["ours"] = make_ours(model_name, latent, batch, device, mp, compile_model)
+        if not args.plain_only:
+            fns["ours"] = make_ours(model_name, latent, batch, device, mp, compile_model)
         from latentdit.models import create_dit
 
         flop_model = create_dit(model_name, input_size=latent[1], in_channels=latent[0], num_classes=1000).to(device)
@@ -185,9 +192,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         warm_s = time.perf_counter() - t0
         times = time_steps(fns, steps, device)
         # the machine may be shared: the peak is the best of measurements before and after each model
-        peak_fp32 = max(peak_fp32, matmul_peak(device, torch.float32))
+        peak_fp32 = max(peak_fp32, matmul_peak(device, torch.float32, n=args.matmul_size))
         peak_ours = peak_fp32 if mp == "no" else max(
-            peak_ours, matmul_peak(device, torch.bfloat16 if mp == "bf16" else torch.float16))
+            peak_ours, matmul_peak(device, torch.bfloat16 if mp == "bf16" else torch.float16, n=args.matmul_size))
         row: dict[str, Any] = {"model": model_name, "batch": batch, "train_gflop_per_image": flops / 1e9,
                                "warmup_s": warm_s}
         for label, ts in times.items():
@@ -199,7 +206,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"{model_name:9s} {label:17s} {ips:9.2f} img/s  MFU {100 * ips * flops / peak:5.1f}%  "
                   f"(step best {best:.3f} s, median {statistics.median(ts):.3f} s)")
         row["peak_fp32_tflops"] = peak_fp32 / 1e12
-        if "plain fp32 eager" in row:
+        if "plain fp32 eager" in row and "ours" in row:
             row["speedup"] = row["ours"]["img_per_s"] / row["plain fp32 eager"]["img_per_s"]
             # no step doing the same FLOPs in fp32 can beat the matmul peak
             row["fp32_ceiling"] = 1.0 / row["plain fp32 eager"]["mfu"]

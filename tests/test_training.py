@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import io
 import json
 import math
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -112,12 +114,19 @@ def subprocess_env() -> dict[str, str]:
     return env
 
 
-def write_yaml_cfg(path: Path, latents: Path, **train_fields) -> Path:
+def write_yaml_cfg(path: Path, latents: Path, sections: dict | None = None, **train_fields) -> Path:
+    """A config file for the tools: DiT-T/2 on ``latents``, ``train_fields`` in the train section and
+    further ``sections`` (e.g. ``{"diffusion": {"process": "flow"}}``)."""
     fields = dict(global_batch_size=8, lr=1.0e-3, max_steps=4, log_every=1, ckpt_every=1000, ema_decay=0.9,
                   tensorboard=False, keep_last=100)
     fields.update(train_fields)
-    lines = ["model:", "  name: DiT-T/2", "data:", f"  latents: {latents}", "train:"]
+    lines = ["model:", "  name: DiT-T/2"]
+    lines += [f"  {k}: {json.dumps(v)}" for k, v in (sections or {}).get("model", {}).items()]
+    lines += ["data:", f"  latents: {latents}", "train:"]
     lines += [f"  {k}: {json.dumps(v)}" for k, v in fields.items()]
+    for name, values in (sections or {}).items():
+        if name != "model":
+            lines += [f"{name}:"] + [f"  {k}: {json.dumps(v)}" for k, v in values.items()]
     path.write_text("\n".join(lines) + "\n")
     return path
 
@@ -144,12 +153,24 @@ def test_two_ranks_slice_the_one_rank_batch_and_cover_each_epoch_once():
 
 
 def test_step_randomness_depends_on_seed_and_step_only():
-    a = StepRandomness.draw(0, 5, 8, (4, 2, 2), 1000, 0.5)
-    b = StepRandomness.draw(0, 5, 8, (4, 2, 2), 1000, 0.5)
-    c = StepRandomness.draw(0, 6, 8, (4, 2, 2), 1000, 0.5)
+    from latentdit.diffusion import DDPMProcess, FlowProcess
+
+    ddpm = DDPMProcess(diffusion_steps=1000)
+    a = StepRandomness.draw(0, 5, 8, (4, 2, 2), ddpm, 0.5)
+    b = StepRandomness.draw(0, 5, 8, (4, 2, 2), ddpm, 0.5)
+    c = StepRandomness.draw(0, 6, 8, (4, 2, 2), ddpm, 0.5)
     assert torch.equal(a.noise, b.noise) and torch.equal(a.t, b.t) and torch.equal(a.drop, b.drop)
     assert not torch.equal(a.noise, c.noise)
     assert a.t.min() >= 0 and a.t.max() < 1000 and set(a.drop.tolist()) <= {0, 1}
+    # ddpm draws exactly what the trainer drew before the process object: randint, then noise, then the mask
+    from latentdit.training.data import seed_for
+
+    g = torch.Generator().manual_seed(seed_for("latentdit-step", 0, 5))
+    assert torch.equal(a.t, torch.randint(0, 1000, (8,), generator=g))
+    assert torch.equal(a.noise, torch.randn((8, 4, 2, 2), generator=g))
+    # flow: float times in [0, 1], from the same generator
+    f = StepRandomness.draw(0, 5, 8, (4, 2, 2), FlowProcess(time_sampling="logit_normal"), 0.5)
+    assert f.t.dtype == torch.float32 and 0 < f.t.min() and f.t.max() < 1 and f.noise.shape == a.noise.shape
 
 
 # ----------------------------------------------------------------------------------------------
@@ -369,6 +390,147 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(latents, tmp_path):
     assert result.step == 6 and set(losses(run)) == {5, 6}  # nothing was logged before the NaN (log_every=100)
 
 
+# ----------------------------------------------------------------------------------------------
+# the flow process and the block options in the loop
+# ----------------------------------------------------------------------------------------------
+
+FLOW = ["diffusion.process=flow", "model.learn_sigma=false"]
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["diffusion.process=fl0w"], "field 'diffusion.process': expected one of ddpm, flow, got 'fl0w'"),
+    (["diffusion.process=flow"], "field 'model.learn_sigma': expected false with diffusion.process=flow"),
+    ([*FLOW, "diffusion.prediction=eps"], "field 'diffusion.prediction': expected one of v, x, got 'eps'"),
+    ([*FLOW, "diffusion.time_sampling=beta"], "field 'diffusion.time_sampling': expected one of uniform, logit_normal"),
+    ([*FLOW, "diffusion.time_shift=0"], "field 'diffusion.time_shift': expected a finite number > 0, got 0.0"),
+    ([*FLOW, "diffusion.logit_std=-1"], "field 'diffusion.logit_std': expected a finite number > 0, got -1.0"),
+    ([*FLOW, "diffusion.loss_weighting=snr"], "field 'diffusion.loss_weighting': expected one of none"),
+    (["model.norm=batchnorm"], "field 'model.norm': expected one of layernorm, rmsnorm, got 'batchnorm'"),
+    (["model.mlp=relu"], "field 'model.mlp': expected one of gelu, swiglu, got 'relu'"),
+    (["model.pos=learned"], "field 'model.pos': expected one of sincos, rope2d, got 'learned'"),
+    (["model.qk_norm=maybe"], "field 'model.qk_norm': expected bool, got 'maybe'"),
+])
+def test_process_and_block_option_fields_are_validated(overrides, message):
+    with pytest.raises(LatentDiTError, match=re.escape(message)):
+        load_config(None, overrides)
+
+
+def test_defaults_are_the_papers_process_and_blocks():
+    cfg = load_config(None, [])
+    assert (cfg.diffusion.process, cfg.model.learn_sigma) == ("ddpm", True)
+    assert (cfg.model.norm, cfg.model.mlp, cfg.model.pos, cfg.model.qk_norm) == ("layernorm", "gelu", "sincos", False)
+
+
+@pytest.mark.parametrize("extra", [["diffusion.prediction=v"], ["diffusion.prediction=x"],
+                                   ["diffusion.time_sampling=logit_normal", "diffusion.time_shift=2.0"]],
+                         ids=["v", "x", "v-logit-normal-shift2"])
+def test_a_flow_run_overfits_a_tiny_dataset(latents, tmp_path, extra):
+    run = tmp_path / "run"
+    train(make_cfg(latents, run, *FLOW, *extra, "train.max_steps=40", "train.lr=2e-3"))
+    curve = list(losses(run).values())
+    assert len(curve) == 40 and all(math.isfinite(v) for v in curve)
+    assert np.mean(curve[-8:]) < 0.5 * np.mean(curve[:8]), curve
+
+
+def test_flow_weights_carry_their_process_and_sample_without_settings(latents, tmp_path):
+    from latentdit.diffusion import FlowProcess
+    from latentdit.io import load_safetensors
+    from latentdit.sampling import SamplerSettings, load_model_for_sampling, sample_latents
+
+    run = tmp_path / "run"
+    extra = ["diffusion.prediction=x", "diffusion.time_sampling=logit_normal", "diffusion.time_shift=2.0",
+             "model.pos=rope2d", "model.qk_norm=true"]
+    result = train(make_cfg(latents, run, *FLOW, *extra, "train.max_steps=2"))
+    expected = FlowProcess(prediction="x", time_sampling="logit_normal", time_shift=2.0).metadata()
+    for name in ("ema.safetensors", "model.safetensors"):
+        _, meta = load_safetensors(result.last_checkpoint / name)
+        assert json.loads(meta["process"]) == expected
+        assert "latentdit_diffusion" not in meta  # the ddpm-only key would describe a ddpm model
+        assert json.loads(meta["latentdit_model"])["pos"] == "rope2d"
+    assert json.loads((result.last_checkpoint / "state.json").read_text())["process"] == expected
+    ckpt = load_model_for_sampling(run)
+    assert ckpt.process.metadata() == expected and ckpt.model.block_options == {"pos": "rope2d", "qk_norm": True}
+    out = sample_latents(ckpt.model, [0, 3], SamplerSettings(num_steps=2), process=ckpt.process,
+                         noise=torch.Generator().manual_seed(0))
+    assert out.shape == (2, 4, 8, 8) and torch.isfinite(out).all()
+
+
+def test_ddpm_weights_carry_their_process_too(latents, tmp_path):
+    from latentdit.io import load_safetensors
+
+    result = train(make_cfg(latents, tmp_path / "run", "train.max_steps=1"))
+    _, meta = load_safetensors(result.last_checkpoint / "ema.safetensors")
+    assert json.loads(meta["process"]) == {"process": "ddpm", "noise_schedule": "linear", "diffusion_steps": 1000}
+
+
+def test_resume_with_another_process_is_refused(latents, tmp_path):
+    ddpm = tmp_path / "ddpm"
+    train(make_cfg(latents, ddpm, "model.learn_sigma=false", "train.max_steps=2"))
+    flow = tmp_path / "flow"
+    train(make_cfg(latents, flow, *FLOW, "train.max_steps=2"))
+    before = tree_bytes(tmp_path)
+    with pytest.raises(LatentDiTError, match=r"another diffusion process \(.*process: checkpoint 'ddpm', config 'flow'"):
+        train(make_cfg(latents, ddpm, *FLOW, "train.max_steps=4"), resume="auto")
+    with pytest.raises(LatentDiTError, match=r"another diffusion process \(prediction: checkpoint 'v', config 'x'\)"):
+        train(make_cfg(latents, flow, *FLOW, "diffusion.prediction=x", "train.max_steps=4"), resume="auto")
+    with pytest.raises(LatentDiTError, match=r"different model \(pos: checkpoint 'sincos', config 'rope2d'\)"):
+        train(make_cfg(latents, flow, *FLOW, "model.pos=rope2d", "train.max_steps=4"), resume="auto")
+    assert tree_bytes(tmp_path) == before
+    # a checkpoint written before the process was recorded is a ddpm one with its config's schedule
+    state_path = ddpm / "checkpoints" / "step-0000002" / "state.json"
+    state = json.loads(state_path.read_text())
+    del state["process"]
+    state_path.write_text(json.dumps(state))
+    with pytest.raises(LatentDiTError, match=r"noise_schedule: checkpoint 'linear', config 'cosine'"):
+        train(make_cfg(latents, ddpm, "model.learn_sigma=false", "diffusion.noise_schedule=cosine",
+                       "train.max_steps=4"), resume="auto")
+    assert train(make_cfg(latents, ddpm, "model.learn_sigma=false", "train.max_steps=3"), resume="auto").step == 3
+
+
+def test_old_model_configs_without_block_options_resume(latents, tmp_path):
+    run = tmp_path / "run"
+    train(make_cfg(latents, run, "train.max_steps=2"))
+    state_path = run / "checkpoints" / "step-0000002" / "state.json"
+    state = json.loads(state_path.read_text())
+    state["model_config"] = {k: v for k, v in state["model_config"].items() if k not in ("norm", "mlp", "pos", "qk_norm")}
+    state_path.write_text(json.dumps(state))
+    assert train(make_cfg(latents, run, "train.max_steps=3"), resume="auto").step == 3
+    with pytest.raises(LatentDiTError, match=r"different model \(mlp: checkpoint 'gelu', config 'swiglu'\)"):
+        train(make_cfg(latents, run, "train.max_steps=4", "model.mlp=swiglu"), resume="auto")
+
+
+def test_time_budget_bar_shows_minutes_and_the_eta_of_the_budget():
+    from latentdit.training.progress import ProgressBar
+
+    now = [0.0]
+    bar = ProgressBar(0, 400_000, 5.0, clock=lambda: now[0], file=io.StringIO(), mininterval=0)
+    for step in range(1, 11):  # 10 steps in 2 minutes: max_steps is hours away, the budget ends in 3 minutes
+        now[0] += 12.0
+        bar.update(step)
+    bar.set_postfix({"loss": "0.5000"})
+    assert str(bar.bar).endswith("| 2.0/5.0 min, eta 03:00, step 10, loss=0.5000")
+    assert str(bar.bar).startswith("train:  40%")
+
+
+def test_time_budget_bar_ends_at_max_steps_when_that_comes_first():
+    from latentdit.training.progress import ProgressBar
+
+    now = [0.0]
+    bar = ProgressBar(20, 120, 60.0, clock=lambda: now[0], file=io.StringIO(), mininterval=0)  # resumed at 20
+    for step in range(21, 31):  # 10 steps a minute: the last 90 steps take 9 more minutes, not 59
+        now[0] += 6.0
+        bar.update(step)
+    assert str(bar.bar).endswith("| 1.0/10.0 min, eta 09:00, step 30")
+
+
+def test_step_bar_without_a_budget():
+    from latentdit.training.progress import ProgressBar
+
+    bar = ProgressBar(5, 100, 0.0, file=io.StringIO())
+    bar.update(8)
+    assert (bar.bar.n, bar.bar.total) == (8, 100)
+
+
 def test_labeled_grid(tmp_path):
     from PIL import Image
 
@@ -406,12 +568,13 @@ GRID = ["train.sample_every=2", "train.sample_num_classes=2", "train.sample_num_
         "diffusion.sample_steps=5", "train.sample_cfg_scale=2.0"]
 
 
-def test_sample_grid_through_the_runs_vae(vae_latents, tmp_path):
+@pytest.mark.parametrize("process", [[], FLOW], ids=["ddpm", "flow"])
+def test_sample_grid_through_the_runs_vae(vae_latents, tmp_path, process):
     from PIL import Image
 
     run = tmp_path / "run"
     train(load_config(None, [*BASE, f"data.latents={vae_latents}", f"train.run_dir={run}", "train.max_steps=2",
-                             *GRID]))
+                             *GRID, *process]))
     grid = run / "samples" / "step-0000002.png"
     w, h = Image.open(grid).size
     assert h == 2 * 18 + 2 and w > 3 * 18 + 2  # 2 classes × 3 seeds of 16×16 images + a label margin
@@ -428,9 +591,14 @@ def _run_tool(args: list[str], timeout: float = 120) -> subprocess.CompletedProc
     return proc
 
 
+FLOW_ALL_OPTIONS = {"model": dict(learn_sigma=False, norm="rmsnorm", mlp="swiglu", pos="rope2d", qk_norm=True),
+                    "diffusion": dict(process="flow", prediction="x", time_sampling="logit_normal", time_shift=2.0)}
+
+
 @pytest.mark.slow
-def test_sigkill_then_resume_auto_repeats_the_uninterrupted_losses(latents, tmp_path):
-    cfg = write_yaml_cfg(tmp_path / "c.yaml", latents, ckpt_every=4, max_steps=100000, keep_last=100)
+@pytest.mark.parametrize("sections", [None, FLOW_ALL_OPTIONS], ids=["ddpm", "flow-x-all-block-options"])
+def test_sigkill_then_resume_auto_repeats_the_uninterrupted_losses(latents, tmp_path, sections):
+    cfg = write_yaml_cfg(tmp_path / "c.yaml", latents, sections, ckpt_every=4, max_steps=100000, keep_last=100)
     killed = tmp_path / "killed"
     log = open(tmp_path / "killed.log", "wb")
     proc = subprocess.Popen([PY, str(TRAIN_TOOL), "--config", str(cfg), f"train.run_dir={killed}"],

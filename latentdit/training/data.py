@@ -3,7 +3,7 @@
 Step ``s`` (0-based; the update that makes the run's step count ``s + 1``) uses the global batch
 ``perm_e[p·G : (p+1)·G]`` where ``e, p = divmod(s, steps_per_epoch)`` and ``perm_e`` is a permutation
 of the dataset seeded by ``(seed, e)``. The G rows are split into ``grad_accum × num_processes``
-equal slices: micro-step ``a`` of process ``r`` takes slice ``a·num_processes + r``. The timesteps,
+equal slices: micro-step ``a`` of process ``r`` takes slice ``a·num_processes + r``. The training times,
 diffusion noise and label-drop mask of the whole global batch are drawn from a generator seeded by
 ``(seed, s)`` and sliced the same way. Dataset items are pure functions of (seed, epoch, index)
 (see :class:`latentdit.data.latents.LatentDataset`), so 2 processes × B rows compute the same
@@ -99,7 +99,7 @@ class EpochIndexed(Dataset):
 
 @dataclass
 class StepRandomness:
-    """Timesteps, diffusion noise and label-drop mask for the whole global batch of one step."""
+    """Training times, diffusion noise and label-drop mask for the whole global batch of one step."""
 
     t: torch.Tensor
     noise: torch.Tensor
@@ -107,9 +107,11 @@ class StepRandomness:
 
     @classmethod
     def draw(cls, seed: int, step: int, global_batch_size: int, latent_shape: tuple[int, ...],
-             num_timesteps: int, drop_prob: float) -> "StepRandomness":
+             process: Any, drop_prob: float) -> "StepRandomness":
+        """One generator seeded by (seed, step) draws the times (``process.draw_time``: integer indices
+        for ddpm, floats in [0, 1] for flow), then the noise, then the drop mask."""
         g = torch.Generator().manual_seed(seed_for("latentdit-step", seed, step))
-        t = torch.randint(0, num_timesteps, (global_batch_size,), generator=g)
+        t = process.draw_time(global_batch_size, g)
         noise = torch.randn((global_batch_size, *latent_shape), generator=g)
         drop = (torch.rand(global_batch_size, generator=g) < drop_prob).long()
         return cls(t, noise, drop)

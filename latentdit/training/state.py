@@ -1,0 +1,409 @@
+"""What a training run is made of, built once: :class:`TrainState` and :func:`setup`, and its checkpoints.
+
+:func:`setup` checks everything a user can get wrong before it writes anything, then builds the
+accelerator, the latent dataset, the DiT, the training process (``diffusion.process``), AdamW with
+its warm-up schedule, the EMA and the data loader, and restores all of them from a checkpoint when
+resuming. :func:`save_checkpoint` writes the run's state so that a resumed run repeats an
+uninterrupted one step for step (see :mod:`latentdit.training.checkpoint` for the layout).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from latentdit.config import Config, save_config
+from latentdit.errors import LatentDiTError
+from latentdit.io import load_safetensors, torch_load, torch_save, write_json
+from latentdit.training import sharding
+from latentdit.training.checkpoint import (
+    EMA_FILE, MODEL_FILE, OPTIMIZER_FILE, SCHEDULER_FILE, STATE_FILE, CheckpointManager,
+    check_resume_latents, latents_identity, read_state, resolve_resume, rng_file, rng_state, save_weights,
+    set_rng_state,
+)
+from latentdit.training.data import BatchLayout, EpochIndexed, StepBatchSampler, seed_for
+from latentdit.training.ema import EMA
+from latentdit.training.progress import METRICS_FILE
+
+CONFIG_FILE = "config.yaml"
+
+
+@dataclass
+class TrainState:
+    """One run: its settings, its parts, and the step it has reached (the only field the loop advances)."""
+
+    cfg: Config
+    accelerator: Any
+    run_dir: Path
+    dataset: Any
+    layout: BatchLayout
+    steps_per_epoch: int
+    process: Any                     # latentdit.diffusion.Process: draw_time, training_losses, metadata
+    model: torch.nn.Module           # as trained: prepared by accelerate (DDP), or sharded in place (FSDP2)
+    raw_model: torch.nn.Module       # the DiT itself (EMA and checkpoints read it)
+    forward_model: torch.nn.Module   # model, or torch.compile(model)
+    model_config: dict[str, Any]
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    ema: EMA
+    loader: Any
+    ckpts: CheckpointManager
+    resumed_from: Path | None
+    step: int
+    first_bad_step: torch.Tensor     # -1, or the first step whose loss was not finite (kept on the device)
+
+    @property
+    def is_main(self) -> bool:
+        return self.accelerator.is_main_process
+
+    @property
+    def world(self) -> int:
+        return self.accelerator.num_processes
+
+    @property
+    def device(self) -> torch.device:
+        return self.accelerator.device
+
+    @property
+    def sharded(self) -> bool:
+        return self.cfg.train.fsdp
+
+    @property
+    def label_dropout(self) -> bool:
+        return self.cfg.model.class_dropout_prob > 0
+
+
+# ------------------------------------------------------------------------------------------------
+# building blocks
+# ------------------------------------------------------------------------------------------------
+
+def enable_tf32() -> None:
+    """TF32 matmuls/convolutions on Ampere+ GPUs (call from an entry point, never at import)."""
+    if torch.cuda.is_available():
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+
+
+def check_batch_layout(global_batch_size: int, num_processes: int, grad_accum: int) -> int:
+    """Micro-batch size per process; raises unless the global batch splits evenly."""
+    div = num_processes * grad_accum
+    if global_batch_size % div != 0:
+        raise LatentDiTError(
+            f"train.global_batch_size={global_batch_size} is not divisible by num_processes ({num_processes}) × "
+            f"train.grad_accum ({grad_accum}) = {div}; choose a multiple of {div}")
+    return global_batch_size // div
+
+
+def open_latents(cfg: Config):
+    """The :class:`LatentDataset` named by ``data.latents`` (errors for a missing/empty directory)."""
+    from latentdit.data.latents import LatentDataset
+
+    if not cfg.data.latents:
+        raise LatentDiTError("data.latents is not set: pass data.latents=<folder written by tools/extract.py>")
+    root = Path(cfg.data.latents).expanduser()
+    if not root.exists():
+        raise LatentDiTError(f"data.latents: latent directory not found: {root} (run tools/extract.py first)")
+    return LatentDataset(root, flip=cfg.data.flip, seed=cfg.train.seed)
+
+
+def model_kwargs_from_data(cfg: Config, dataset) -> dict[str, Any]:
+    """DiT constructor arguments: the model section plus latent size/channels/classes from the manifest,
+    checked against any values the config states explicitly."""
+    c, h, w = dataset.latent_shape
+    if h != w:
+        raise LatentDiTError(f"latents in {cfg.data.latents} are {h}×{w}; DiT needs square latents")
+    from_data = {"input_size": h, "in_channels": c, "num_classes": dataset.num_classes}
+    for key, value in from_data.items():
+        stated = getattr(cfg.model, key)
+        if stated is not None and stated != value:
+            raise LatentDiTError(
+                f"model.{key}={stated} does not fit the latents in {cfg.data.latents} (manifest: latent shape "
+                f"{list(dataset.latent_shape)}, {dataset.num_classes} classes → {key}={value}); remove model.{key} "
+                "or point data.latents at matching latents")
+    m = cfg.model
+    return dict(from_data, class_dropout_prob=m.class_dropout_prob, learn_sigma=m.learn_sigma,
+                grad_checkpointing=m.grad_checkpointing, norm=m.norm, mlp=m.mlp, pos=m.pos, qk_norm=m.qk_norm)
+
+
+def build_model(cfg: Config, dataset):
+    from latentdit.models import create_dit
+    from latentdit.models.registry import get_config
+
+    kwargs = model_kwargs_from_data(cfg, dataset)
+    patch = get_config(cfg.model.name)["patch_size"]
+    if kwargs["input_size"] % patch != 0:
+        raise LatentDiTError(f"model.name={cfg.model.name} has patch size {patch}, which does not divide the "
+                             f"latent size {kwargs['input_size']} of {cfg.data.latents}")
+    return create_dit(cfg.model.name, **kwargs)
+
+
+def build_optimizer(model: torch.nn.Module, t_cfg, device: torch.device) -> torch.optim.AdamW:
+    """AdamW over the trainable parameters; the fused kernel on CPU and CUDA (one pass over all
+    parameters instead of a Python loop per tensor)."""
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    return torch.optim.AdamW(trainable, lr=t_cfg.lr, betas=tuple(t_cfg.betas), eps=t_cfg.adam_eps,
+                             weight_decay=t_cfg.weight_decay, fused=device.type in ("cpu", "cuda"))
+
+
+def _config_diff(a: dict[str, Any], b: dict[str, Any]) -> list[str]:
+    """Architecture differences between two model configs (the label-dropout rate may change on resume
+    as long as the null class row exists in both or in neither; block options a config does not name
+    are the paper's)."""
+    from latentdit.models.dit import PAPER_BLOCKS
+
+    a, b = {**PAPER_BLOCKS, **a}, {**PAPER_BLOCKS, **b}
+    out = []
+    for k in sorted(set(a) | set(b)):
+        va, vb = a.get(k), b.get(k)
+        if k == "grad_checkpointing":
+            continue
+        if k == "class_dropout_prob" and va is not None and vb is not None:
+            va, vb = float(va) > 0, float(vb) > 0
+            if va != vb:
+                out.append(f"null class row (class_dropout_prob > 0): checkpoint {va}, config {vb}")
+            continue
+        if va != vb:
+            out.append(f"{k}: checkpoint {va!r}, config {vb!r}")
+    return out
+
+
+def checkpoint_process(state: dict[str, Any]) -> dict[str, Any]:
+    """The process a checkpoint was trained with (checkpoints from before the flow process: their ddpm settings)."""
+    from latentdit.diffusion import build_process
+
+    if "process" in state:
+        return state["process"]
+    return build_process({**((state.get("config") or {}).get("diffusion") or {}), "process": "ddpm"}).metadata()
+
+
+def _check_resumable(ckpt: Path, state: dict[str, Any], model_config: dict[str, Any], process, max_steps: int) -> None:
+    diff = _config_diff(state["model_config"], model_config)
+    if diff:
+        raise LatentDiTError(f"cannot resume from {ckpt}: it holds a different model ({'; '.join(diff)}). "
+                             "Use the same model.name and latents, or start a fresh run with another train.run_dir")
+    old, new = checkpoint_process(state), process.metadata()
+    if old != new:
+        changed = [f"{k}: checkpoint {old.get(k)!r}, config {new.get(k)!r}"
+                   for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
+        raise LatentDiTError(f"cannot resume from {ckpt}: it was trained with another diffusion process "
+                             f"({'; '.join(changed)}). Use the run's diffusion settings, or start a fresh run "
+                             "with another train.run_dir")
+    if int(state["step"]) > max_steps:
+        raise LatentDiTError(f"checkpoint {ckpt} is at step {state['step']}, past train.max_steps="
+                             f"{max_steps}; raise train.max_steps to train further")
+
+
+def _versions() -> dict[str, str]:
+    import accelerate
+
+    import latentdit
+
+    return {"latentdit": latentdit.__version__, "torch": torch.__version__, "accelerate": accelerate.__version__}
+
+
+def _make_accelerator(cfg: Config):
+    from accelerate import Accelerator
+    from accelerate.utils import DistributedType
+
+    # Several processes without CUDA (e.g. `accelerate launch --multi_gpu --num_processes 2` on a CPU
+    # machine): accelerate sets up gloo (MULTI_CPU) only when asked for the CPU explicitly.
+    multi_cpu = not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1
+    t_cfg = cfg.train
+    accelerator = Accelerator(
+        cpu=multi_cpu,
+        mixed_precision="no" if t_cfg.fsdp else t_cfg.mixed_precision,  # FSDP2: precision through its policy
+        log_with="tensorboard" if t_cfg.tensorboard else None,
+        project_dir=str(cfg.resolved_run_dir()),
+        step_scheduler_with_optimizer=False,
+    )
+    if accelerator.distributed_type not in (DistributedType.NO, DistributedType.MULTI_CPU,
+                                            DistributedType.MULTI_GPU):
+        raise LatentDiTError(
+            f"accelerate distributed type {accelerator.distributed_type.value} is not supported: launch with "
+            "`accelerate launch --multi_gpu` (DDP), and add train.fsdp=true to shard parameters, gradients and "
+            "optimizer state across the processes (FSDP2, applied by this trainer)")
+    if t_cfg.fsdp and accelerator.num_processes == 1:
+        raise LatentDiTError("train.fsdp=true shards the model across processes, but this is a single process: "
+                             "launch with `accelerate launch --multi_gpu --num_processes N` (N >= 2), or drop "
+                             "train.fsdp")
+    return accelerator
+
+
+def _truncate_metrics(path: Path, step: int) -> None:
+    """Keep only metric rows of steps ≤ ``step`` (rows a killed run logged after its last checkpoint)."""
+    import json
+
+    from latentdit.io import atomic_write
+
+    if not path.is_file():
+        return
+    keep = []
+    for line in path.read_text().splitlines():
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            continue  # a line cut short by a kill
+        if row.get("step", 0) <= step:
+            keep.append(line)
+    with atomic_write(path, "w") as f:
+        f.write("".join(line + "\n" for line in keep))
+
+
+# ------------------------------------------------------------------------------------------------
+# setup
+# ------------------------------------------------------------------------------------------------
+
+def setup(cfg: Config, resume: str | None = None) -> TrainState:
+    """Build (or restore, ``resume="auto"`` or a path) the run described by ``cfg``. Raises
+    :class:`LatentDiTError` for bad input before anything is written."""
+    from latentdit.diffusion import build_process
+
+    t_cfg = cfg.train
+    if t_cfg.tf32:
+        enable_tf32()
+    accelerator = _make_accelerator(cfg)
+    world, rank, device = accelerator.num_processes, accelerator.process_index, accelerator.device
+
+    # ---- checks: nothing is written before all of them pass
+    layout = BatchLayout(t_cfg.global_batch_size, world, t_cfg.grad_accum, rank)
+    check_batch_layout(t_cfg.global_batch_size, world, t_cfg.grad_accum)
+    dataset = open_latents(cfg)
+    steps_per_epoch = len(dataset) // t_cfg.global_batch_size
+    if steps_per_epoch == 0:
+        raise LatentDiTError(f"{cfg.data.latents} holds {len(dataset)} latents, fewer than "
+                             f"train.global_batch_size={t_cfg.global_batch_size}")
+    process = build_process(cfg.diffusion)
+    torch.manual_seed(t_cfg.seed)  # same initial weights on every process
+    model = build_model(cfg, dataset)
+    model_config = model.config
+    run_dir = cfg.resolved_run_dir()
+    ckpts = CheckpointManager(run_dir, t_cfg.keep_last, t_cfg.milestone_every)
+    ckpt = resolve_resume(resume, run_dir)
+    if ckpt is None and resume is None and ckpts.list():
+        raise LatentDiTError(f"run directory {run_dir} already holds checkpoints (latest {ckpts.latest().name}); "
+                             "pass --resume auto to continue it, or set train.run_dir to a new folder")
+    saved: dict[str, Any] = {}
+    if ckpt is not None:
+        saved = read_state(ckpt)
+        check_resume_latents(saved, dataset.manifest, ckpt, cfg.data.latents)
+        _check_resumable(ckpt, saved, model_config, process, t_cfg.max_steps)
+
+    # ---- the run directory
+    start_step = int(saved.get("step", 0))
+    if accelerator.is_main_process:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        ckpts.clean_temporaries()
+        save_config(cfg, run_dir / CONFIG_FILE)
+        if ckpt is not None:
+            _truncate_metrics(run_dir / METRICS_FILE, start_step)
+        elif (run_dir / METRICS_FILE).exists():
+            (run_dir / METRICS_FILE).unlink()
+    accelerator.wait_for_everyone()
+
+    # ---- model, optimizer, EMA (restored when resuming), then data
+    if ckpt is not None:
+        tensors, _ = load_safetensors(ckpt / MODEL_FILE)
+        model.load_state_dict(tensors, strict=True)
+    model.to(device).train()
+    if t_cfg.fsdp:
+        sharding.shard_dit(model, torch.bfloat16 if t_cfg.mixed_precision == "bf16" else None)
+    optimizer = build_optimizer(model, t_cfg, device)
+    warmup = t_cfg.warmup_steps
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: min(1.0, (s + 1) / warmup) if warmup > 0 else 1.0)
+    ema = EMA(model, t_cfg.ema_decay)
+    if ckpt is not None:
+        ema_tensors, _ = load_safetensors(ckpt / EMA_FILE)
+        ema.load_state_dict(ema_tensors, str(ckpt / EMA_FILE))
+        opt_state = torch_load(ckpt / OPTIMIZER_FILE, "optimizer state")
+        if t_cfg.fsdp:
+            sharding.load_optimizer_state(model, optimizer, opt_state, str(ckpt / OPTIMIZER_FILE))
+        else:
+            optimizer.load_state_dict(opt_state)
+        scheduler.load_state_dict(torch_load(ckpt / SCHEDULER_FILE, "LR scheduler state"))
+        rng_path = ckpt / rng_file(rank)
+        if rng_path.is_file():
+            set_rng_state(torch_load(rng_path, "RNG state"))
+    else:
+        torch.manual_seed(seed_for("latentdit-process", t_cfg.seed, rank))
+    raw_model = model
+    if not t_cfg.fsdp:
+        model, optimizer = accelerator.prepare(model, optimizer)
+    loader = torch.utils.data.DataLoader(
+        EpochIndexed(dataset),
+        batch_sampler=StepBatchSampler(len(dataset), layout, t_cfg.seed, start_step, t_cfg.max_steps),
+        num_workers=cfg.data.num_workers, pin_memory=device.type == "cuda", persistent_workers=False)
+    return TrainState(
+        cfg=cfg, accelerator=accelerator, run_dir=run_dir, dataset=dataset, layout=layout,
+        steps_per_epoch=steps_per_epoch, process=process, model=model, raw_model=raw_model,
+        forward_model=torch.compile(model) if t_cfg.compile else model, model_config=model_config,
+        optimizer=optimizer, scheduler=scheduler, ema=ema, loader=loader, ckpts=ckpts, resumed_from=ckpt,
+        step=start_step, first_bad_step=torch.full((), -1, dtype=torch.long, device=device))
+
+
+# ------------------------------------------------------------------------------------------------
+# NaN guard and checkpoints
+# ------------------------------------------------------------------------------------------------
+
+def note_loss(state: TrainState, step_loss: torch.Tensor) -> None:
+    """Remember the first step whose loss is not finite (on the device: no host sync)."""
+    bad = state.first_bad_step
+    state.first_bad_step = torch.where((bad < 0) & ~torch.isfinite(step_loss), torch.full_like(bad, state.step), bad)
+
+
+def check_finite(state: TrainState) -> None:
+    """Raise if any process saw a non-finite loss (collective when there are several processes)."""
+    bad = state.first_bad_step
+    if state.world > 1:
+        bad = state.accelerator.gather(bad.reshape(1)).max()
+    bad_step = int(bad.item())
+    if bad_step >= 0:
+        last = state.ckpts.latest()
+        where = f"the last good checkpoint is {last}" if last else "no checkpoint was written"
+        raise LatentDiTError(
+            f"training stopped: the loss became NaN or inf at step {bad_step}; {where} (not overwritten). "
+            "Lower train.lr, enable train.grad_clip, or use mixed_precision=no/bf16")
+
+
+def save_checkpoint(state: TrainState) -> Path:
+    """Write the checkpoint of ``state.step`` (collective); refuses to save after a non-finite loss."""
+    check_finite(state)
+    acc, step, ckpts, is_main = state.accelerator, state.step, state.ckpts, state.is_main
+    if is_main:
+        ckpts.begin(step)
+    acc.wait_for_everyone()
+    tmp = ckpts.tmp_path(step)
+    torch_save(rng_state(), tmp / rng_file(acc.process_index))
+    if state.sharded:
+        model_sd = sharding.full_model_state(state.model, keep=is_main)
+        opt_sd = sharding.full_optimizer_state(state.model, state.optimizer, keep=is_main)
+    else:
+        model_sd, opt_sd = acc.get_state_dict(state.model), state.optimizer.state_dict()
+    ema_sd = state.ema.state_dict(state.raw_model)
+    ds, process = state.dataset, state.process
+    if is_main:
+        diffusion = process.metadata() if process.name == "ddpm" else None
+        meta = dict(class_names=ds.class_names, vae=ds.vae, process=process.metadata(),
+                    diffusion={k: v for k, v in diffusion.items() if k != "process"} if diffusion else None)
+        save_weights(model_sd, tmp / MODEL_FILE, state.model_config, **meta)
+        save_weights(ema_sd, tmp / EMA_FILE, state.model_config, **meta)
+        torch_save(opt_sd, tmp / OPTIMIZER_FILE)
+        torch_save(state.scheduler.state_dict(), tmp / SCHEDULER_FILE)
+    acc.wait_for_everyone()
+    if is_main:
+        epoch, pos = divmod(step, state.steps_per_epoch)
+        t_cfg = state.cfg.train
+        write_json(tmp / STATE_FILE, {
+            "step": step, "epoch": epoch, "position": pos, "steps_per_epoch": state.steps_per_epoch,
+            "global_batch_size": t_cfg.global_batch_size, "num_processes": state.world, "seed": t_cfg.seed,
+            "model_config": state.model_config, "process": process.metadata(), "class_names": ds.class_names,
+            "config": state.cfg.to_dict(), "latents": latents_identity(ds.manifest), "versions": _versions(),
+            "time": time.time()})
+        ckpts.commit(step)
+    acc.wait_for_everyone()
+    return ckpts.final_path(step)
