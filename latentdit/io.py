@@ -89,6 +89,21 @@ def writable_target(path: str | os.PathLike) -> Path:
     raise LatentDiTError(f"refusing to write {path}: it is {kind}, not a regular file; choose the path of a file")
 
 
+def check_output_folder(path: str | os.PathLike, what: str) -> Path:
+    """Raise :class:`LatentDiTError` (naming ``what``, e.g. ``--out``) unless ``path`` is a folder or could be
+    created as one: it must not be a file, nor lie under one."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise LatentDiTError(f"{what} {path} exists and is not a folder; expected a folder (or a path that does "
+                             "not exist yet)")
+    for parent in path.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise LatentDiTError(f"{what} {path}: {parent} is a file, not a folder; choose another path")
+            break
+    return path
+
+
 #: How a failed write shows in errors that carry no errno: torch's zip writer, safetensors.
 _DISK_FULL_TEXTS = ("No space left on device", "StorageFull", "os error 28")
 _PARTIAL_WRITE_TEXTS = ("PytorchStreamWriter", "inline_container")

@@ -241,8 +241,12 @@ def test_run_dir_that_is_a_file(latents, tmp_path, capsys):
     cfg = write_yaml_cfg(tmp_path / "c.yaml", latents)
     (tmp_path / "run").write_text("mine")
     line = user_error("train", ["--config", str(cfg), f"train.run_dir={tmp_path / 'run'}"], capsys)
-    assert f"run folder {tmp_path / 'run'} exists and is a file" in line
+    assert f"run folder {tmp_path / 'run'} exists and is not a folder" in line
+    line = user_error("train", ["--config", str(cfg), f"train.run_dir={tmp_path / 'run' / 'sub'}"], capsys)
+    assert f"run folder {tmp_path / 'run' / 'sub'}: {tmp_path / 'run'} is a file, not a folder" in line
     assert (tmp_path / "run").read_text() == "mine"
+    line = user_error("extract", ["--out", str(tmp_path / "run" / "lat"), "--image-size", "16"], capsys)
+    assert f"--out {tmp_path / 'run' / 'lat'}: {tmp_path / 'run'} is a file" in line
 
 
 # ----------------------------------------------------------------------------------------------

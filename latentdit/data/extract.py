@@ -35,7 +35,7 @@ from latentdit.data.latents import (
     shard_range,
 )
 from latentdit.errors import LatentDiTError
-from latentdit.io import save_safetensors, write_json
+from latentdit.io import check_output_folder, save_safetensors, write_json
 
 FASHION_MNIST_PREPROCESSING = ("Fashion-MNIST 28x28 grey, PIL bicubic resize to image_size, grey repeated to "
                                "RGB, scale to [-1, 1]")
@@ -313,9 +313,7 @@ def extract_latents(
         raise LatentDiTError(f"num_workers must be >= 0, got {num_workers}")
     if limit is not None and limit < 1:
         raise LatentDiTError(f"--limit must be a positive integer, got {limit}")
-    out = Path(out)
-    if out.exists() and not out.is_dir():
-        raise LatentDiTError(f"--out {out} exists and is not a directory")
+    out = check_output_folder(out, "--out")
 
     rank, world, barrier, all_gather = _dist_state(use_accelerate, device)
     is_main = rank == 0

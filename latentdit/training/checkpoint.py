@@ -28,7 +28,7 @@ import numpy as np
 import torch
 
 from latentdit.errors import LatentDiTError
-from latentdit.io import read_json, save_safetensors
+from latentdit.io import check_output_folder, read_json, save_safetensors
 from latentdit.models.checkpoint import META_CLASS_NAMES, META_DIFFUSION, META_VAE
 from latentdit.models.checkpoint import METADATA_KEY as META_MODEL
 
@@ -63,10 +63,7 @@ class CheckpointManager:
     """
 
     def __init__(self, run_dir: str | os.PathLike, keep_last: int = 2, milestone_every: int = 0) -> None:
-        self.run_dir = Path(run_dir)
-        if self.run_dir.exists() and not self.run_dir.is_dir():
-            raise LatentDiTError(f"run folder {self.run_dir} exists and is a file; expected a folder (or a path "
-                                 "that does not exist yet): choose another run folder")
+        self.run_dir = check_output_folder(run_dir, "run folder")
         self.dir = self.run_dir / CHECKPOINTS_DIRNAME
         self.keep_last = keep_last
         self.milestone_every = milestone_every
