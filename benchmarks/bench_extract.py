@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import json
 import shutil
 import tempfile
 import time
@@ -127,7 +128,7 @@ def bench_vae(name: str, vae: Any, args, work: Path) -> list[dict[str, Any]]:
     flops = encoder_flops(vae, args.image_size)
     rows = []
     base = baseline(vae, folders[n], work / "baseline", args.image_size, args.num_workers)
-    args.peak = max(args.peak, matmul_peak(vae.device))  # best of before and after each VAE (shared machines)
+    args.peak = max(args.peak, matmul_peak(vae.device, n=args.matmul_size))  # best of before and after each VAE
     rows.append({"vae": name, "method": "per-image baseline", "batch": 1, "images": n, "img_s": base,
                  "flops": flops})
     print(f"  {name}: {flops / 1e9:.1f} GFLOP per image; baseline {base:.2f} img/s = "
@@ -155,12 +156,14 @@ def main() -> None:
     p.add_argument("--flip", action="store_true", help="also store flipped moments (2x encoder work for ours)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--skip", choices=["bundled", "sd"], action="append", default=[])
+    p.add_argument("--matmul-size", type=int, default=4096, help="n of the n×n matmul that measures the peak")
+    p.add_argument("--json", default=None, help="also write the rows here")
     args = p.parse_args()
 
     from latentdit.autoencoder import BUNDLED_VAE, VAE
 
     rows: list[dict[str, Any]] = []
-    args.peak = matmul_peak(torch.device(args.device))
+    args.peak = matmul_peak(torch.device(args.device), n=args.matmul_size)
     print(f"matmul peak fp32 {args.peak / 1e9:.0f} GFLOP/s")
     print(f"extraction benchmark: {args.image_size}x{args.image_size}, device {args.device}, "
           f"torch threads {torch.get_num_threads()}, DataLoader workers {args.num_workers}", flush=True)
@@ -183,6 +186,10 @@ def main() -> None:
         util = f"{100 * r['img_s'] * r['flops'] / args.peak:.0f}%"
         print(f"{r['vae']:<24} {r['method']:<20} {r['batch']:>5} {r['images']:>6} {r['img_s']:>9.2f} {ratio:>11} "
               f"{util:>7}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"device": args.device, "image_size": args.image_size, "peak_flops": args.peak, "rows": rows},
+                      f, indent=2)
 
 
 if __name__ == "__main__":

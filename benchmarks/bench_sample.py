@@ -48,7 +48,9 @@ def parse_sampler_specs(text: str) -> list[tuple[str, int]]:
 def build_parser():
     p = make_parser(__doc__.splitlines()[0])
     p.add_argument("--ckpt", type=existing_path, default=None, help="weights to benchmark (default: random DiT-S/2)")
-    p.add_argument("--model", default=None, help="model config name for files without metadata")
+    p.add_argument("--model", default=None,
+                   help="model config name for files without metadata; without --ckpt, the random model's "
+                        "(default DiT-S/2)")
     p.add_argument("--samplers", default=None, help=f"comma-separated SAMPLER-STEPS (default: {DEFAULT_SAMPLERS})")
     p.add_argument("--process", choices=("ddpm", "flow"), default="ddpm",
                    help="process of the random model (without --ckpt; a checkpoint names its own)")
@@ -67,13 +69,13 @@ def build_parser():
     return p
 
 
-def _random_checkpoint(device: torch.device, process_name: str) -> S.SamplingCheckpoint:
+def _random_checkpoint(device: torch.device, process_name: str, name: str = "DiT-S/2") -> S.SamplingCheckpoint:
     from latentdit.diffusion import build_process
     from latentdit.models.registry import create_dit
 
     flow = process_name == "flow"
-    model = create_dit("DiT-S/2", input_size=32, num_classes=1000, learn_sigma=not flow).to(device).eval()
-    return S.SamplingCheckpoint(model=model, path=Path("<random DiT-S/2>"), model_name="DiT-S/2",
+    model = create_dit(name, input_size=32, num_classes=1000, learn_sigma=not flow).to(device).eval()
+    return S.SamplingCheckpoint(model=model, path=Path(f"<random {name}>"), model_name=name,
                                 class_names=None, vae_spec=None, process=build_process({"process": process_name}))
 
 
@@ -101,7 +103,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
     ckpt = (S.load_model_for_sampling(args.ckpt, args.model, device=device) if args.ckpt
-            else _random_checkpoint(device, args.process))
+            else _random_checkpoint(device, args.process, args.model or "DiT-S/2"))
     specs = parse_sampler_specs(args.samplers or DEFAULT_SAMPLERS[ckpt.process.name])
     settings = {(name, steps): S.SamplerSettings(sampler=name, num_steps=steps, cfg_scale=args.cfg_scale,
                                                  guided_channels=args.guided_channels
