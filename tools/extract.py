@@ -5,6 +5,7 @@
         --image-size 256 --vae stabilityai/sd-vae-ft-ema --out runs/latents/in256
 
 Re-running the same command resumes an interrupted extraction (with any number of processes).
+``python -m latentdit.launch`` in place of ``accelerate launch`` shows a user error once, with exit status 2.
 """
 
 from __future__ import annotations

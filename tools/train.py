@@ -3,9 +3,13 @@
     accelerate launch tools/train.py --config configs/fashion_mnist.yaml [section.field=value ...]
     accelerate launch --multi_gpu --num_processes 2 tools/train.py --config ... --resume auto
 
-Overrides such as ``train.lr=2e-4 model.name=DiT-B/2`` change single config fields. ``--resume auto``
-continues the latest checkpoint of the run directory (or starts fresh if it has none);
-``--resume PATH`` continues a given checkpoint (or a run directory's latest).
+``python -m latentdit.launch`` takes the same arguments as ``accelerate launch`` and ends a user error
+(a bad field, missing latents...) with its one-line message, shown once, and exit status 2 instead of
+the launcher's traceback.
+
+Overrides such as ``train.lr=2e-4 model.name=DiT-B/2`` change single config fields (before or after
+the options). ``--resume auto`` continues the latest checkpoint of the run directory (or starts fresh
+if it has none); ``--resume PATH`` continues a given checkpoint (or a run directory's latest).
 """
 
 from __future__ import annotations
