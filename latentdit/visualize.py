@@ -1,4 +1,5 @@
-"""Image grids with text labels (training sample grids, sampling tools, the demo report)."""
+"""Image grids with text labels (training sample grids, sampling tools, the demo report), a line plot,
+and the denoising trajectory picture (decoded x_t and x̂0 along a sampler's chain)."""
 
 from __future__ import annotations
 
@@ -130,3 +131,106 @@ def save_line_plot(xs: Sequence[float], ys: Sequence[float], path: str | os.Path
     with atomic_path(path) as tmp:
         img.save(tmp, format="PNG")
     return path
+
+
+# ----------------------------------------------------------------------------------------------
+# Denoising trajectory
+# ----------------------------------------------------------------------------------------------
+
+TRAJECTORY_HEADER = 14     # pixels above the grid for the time labels
+
+
+def trajectory_steps(num_steps: int, num_points: int) -> list[int]:
+    """Which of a sampler's ``num_steps`` steps to show: ``num_points`` (at most) evenly spread step
+    indices, always the first and the last."""
+    if num_points < 1:
+        raise LatentDiTError(f"a trajectory needs at least one point, got {num_points}")
+    if num_points == 1:
+        return [num_steps - 1]
+    return sorted({round(k * (num_steps - 1) / (num_points - 1)) for k in range(num_points)})
+
+
+def record_trajectory(model: torch.nn.Module, labels: Sequence[int], settings=None, *, process=None, seed: int = 0,
+                      num_points: int = 8, device: str | torch.device | None = None,
+                      dtype: torch.dtype | None = None) -> tuple[list[dict], torch.Tensor]:
+    """Sample ``labels`` (sample j seeded by (seed, j), as :func:`latentdit.sampling.sample_seeded`) and keep
+    the sampler's state x_t and estimate x̂0 at :func:`trajectory_steps` of its steps.
+
+    Returns (points, final latents): each point is the sampler callback's ``{"i", "t", "x", "denoised"}``
+    (latents on the CPU), in chain order.
+    """
+    from latentdit.diffusion import DDPMProcess
+    from latentdit.sampling import SamplerSettings, sample_seeded
+
+    process = process if process is not None else DDPMProcess()
+    settings = (settings or SamplerSettings()).resolved(process, int(model.in_channels))
+    keep = set(trajectory_steps(settings.num_steps, num_points))
+    points: list[dict] = []
+
+    def callback(info: dict) -> None:
+        if info["i"] in keep:
+            points.append({"i": info["i"], "t": info["t"], "x": info["x"].detach().float().cpu(),
+                           "denoised": info["denoised"].detach().float().cpu()})
+
+    final = sample_seeded(model, labels, settings, process=process, seed=seed, batch_size=max(1, len(labels)),
+                          device=device, dtype=dtype, callback=callback)
+    return points, final
+
+
+def _time_label(t: float | int) -> str:
+    return f"t={t}" if isinstance(t, int) else f"t={t:.2f}"
+
+
+def save_trajectory_grid(points: Sequence[dict], decode, row_names: Sequence[str], path: str | os.PathLike,
+                         padding: int = 2) -> Path:
+    """Write the trajectory picture (PNG, atomically): one column per point labelled with its time t,
+    and for each sample two rows — the decoded state x_t, then the decoded estimate x̂0 — labelled
+    ``<name> x_t`` / ``<name> x0 pred``. ``decode(latents) → images in [-1, 1]`` (e.g. a VAE's decode)."""
+    from PIL import Image, ImageDraw, ImageFont
+    from torchvision.utils import make_grid
+
+    from latentdit.io import atomic_path
+
+    if not points:
+        raise LatentDiTError("save_trajectory_grid: no trajectory points")
+    n = points[0]["x"].shape[0]
+    if len(row_names) != n:
+        raise LatentDiTError(f"save_trajectory_grid: {len(row_names)} names for {n} samples")
+    # decode all states and estimates at once: [points, 2, n, C, H, W] → rows (sample, kind), columns (point)
+    latents = torch.stack([torch.stack([p["x"], p["denoised"]]) for p in points])
+    images = decode(latents.flatten(0, 2)).float().cpu()
+    images = images.reshape(len(points), 2, n, *images.shape[1:]).permute(2, 1, 0, 3, 4, 5).flatten(0, 2)
+    grid = make_grid(to_uint8(images), nrow=len(points), padding=padding, pad_value=255)
+    img = Image.fromarray(grid.permute(1, 2, 0).numpy())
+    font = ImageFont.load_default()
+    measure = ImageDraw.Draw(img)
+    labels = [f"{name} {kind}" for name in row_names for kind in ("x_t", "x0 pred")]  # ASCII: any PIL font
+    margin = max(measure.textbbox((0, 0), s, font=font)[2] for s in labels) + 8
+    canvas = Image.new("RGB", (img.width + margin, img.height + TRAJECTORY_HEADER), "white")
+    canvas.paste(img, (margin, TRAJECTORY_HEADER))
+    draw = ImageDraw.Draw(canvas)
+    cell_h, cell_w = images.shape[2] + padding, images.shape[3] + padding
+    for c, p in enumerate(points):
+        draw.text((margin + padding + c * cell_w, 1), _time_label(p["t"]), fill="black", font=font)
+    for r, s in enumerate(labels):
+        draw.text((4, TRAJECTORY_HEADER + padding + r * cell_h + max(0, (cell_h - 12) // 2)), s, fill="black",
+                  font=font)
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        canvas.save(tmp, format="PNG")
+    return path
+
+
+def save_denoising_trajectory(model: torch.nn.Module, vae, labels: Sequence[int], path: str | os.PathLike,
+                              settings=None, *, process=None, seed: int = 0, num_points: int = 8,
+                              class_names: Sequence[str] | None = None, device: str | torch.device | None = None,
+                              dtype: torch.dtype | None = None) -> Path:
+    """Sample ``labels`` with the chosen sampler and write how each sample forms: decoded x_t and x̂0 at
+    ~``num_points`` points along the chain (see :func:`save_trajectory_grid`)."""
+    from latentdit.sampling import decode_images, label_text
+
+    points, _ = record_trajectory(model, labels, settings, process=process, seed=seed, num_points=num_points,
+                                  device=device, dtype=dtype)
+    names = [label_text(int(lab), class_names) for lab in labels]
+    dev = device if device is not None else next(model.parameters()).device
+    return save_trajectory_grid(points, lambda z: decode_images(vae, z.to(dev)), names, path)

@@ -14,6 +14,7 @@ from latentdit.diffusion import FlowProcess
 from latentdit.diffusion.samplers import make_dpm_solver
 from latentdit.errors import LatentDiTError
 from latentdit.io import save_safetensors
+from latentdit.visualize import TRAJECTORY_HEADER, record_trajectory, save_trajectory_grid, to_uint8, trajectory_steps
 
 CLASS_NAMES = ["T-shirt/top", "Trouser", "Pullover", "Dress"]
 STEPS = 4
@@ -530,3 +531,70 @@ def test_callback_sees_every_step_with_its_state_time_and_estimate(request, samp
         assert torch.isfinite(info["denoised"]).all()
     # the estimate at the last step is close to the result (it is the result for a deterministic last step)
     assert (infos[-1]["denoised"] - out).abs().mean() < (infos[0]["denoised"] - out).abs().mean()
+
+
+# ----------------------------------------------------------------------------------------------
+# Flow models through the loader and tools/sample.py; the trajectory picture
+# ----------------------------------------------------------------------------------------------
+
+def test_flow_process_travels_in_the_weights_metadata(tmp_path, tiny_flow_model, tiny_model):
+    process = FlowProcess(prediction="x", time_shift=2.0)
+    ck = S.load_model_for_sampling(save_our_checkpoint(tiny_flow_model, tmp_path / "a.safetensors", process=process))
+    assert isinstance(ck.process, FlowProcess) and ck.process.metadata() == process.metadata()
+    # weights without the key are ddpm (released DiT, older runs)
+    assert S.load_model_for_sampling(save_our_checkpoint(tiny_model, tmp_path / "b.safetensors")).process.name == "ddpm"
+    with pytest.raises(LatentDiTError, match=r"b2.safetensors: model.learn_sigma=true does not apply"):
+        S.load_model_for_sampling(save_our_checkpoint(tiny_model, tmp_path / "b2.safetensors", process=process))
+
+
+def test_sample_tool_samples_a_flow_model_with_its_default_sampler(tmp_path, tiny_flow_model, capsys):
+    from PIL import Image
+
+    vae_dir = make_tiny_vae_dir(tmp_path / "vae")
+    ckpt = save_our_checkpoint(tiny_flow_model, tmp_path / "ema.safetensors", vae=str(vae_dir), process=FLOW)
+    code = _run_tool(["--ckpt", str(ckpt), "--labels", "0,1", "--samples-per-label", "2", "--cfg-scale", "2",
+                      "--device", "cpu", "--out", str(tmp_path / "grid.png"), "--num-steps", "3",
+                      "--trajectory", str(tmp_path / "traj.png")])
+    out = capsys.readouterr()
+    assert code == 0, out.err
+    assert "(flow model) with heun-3, cfg 2" in out.out
+    assert Image.open(tmp_path / "grid.png").width >= 2 * 16
+    assert Image.open(tmp_path / "traj.png").height == TRAJECTORY_HEADER + 4 * 18 + 2  # 2 labels × (x_t, x0)
+    code = _run_tool(["--ckpt", str(ckpt), "--sampler", "ddim", "--device", "cpu", "--out", str(tmp_path / "g2.png")])
+    assert code == 2
+    assert "sampler 'ddim' (--sampler) samples ddpm models" in capsys.readouterr().err
+    assert not (tmp_path / "g2.png").exists()
+
+
+def test_trajectory_steps():
+    assert trajectory_steps(50, 8) == [0, 7, 14, 21, 28, 35, 42, 49]
+    assert trajectory_steps(4, 8) == [0, 1, 2, 3]
+    assert trajectory_steps(10, 1) == [9]
+
+
+@pytest.mark.parametrize("sampler", ["ddim", "heun"])
+def test_trajectory_picture_has_its_cells_where_documented(request, sampler, tmp_path):
+    from PIL import Image
+
+    model, process = _model_and_process(request, sampler)
+    settings = S.SamplerSettings(sampler=sampler, num_steps=10, cfg_scale=2.0)
+    points, final = record_trajectory(model, [0, 3], settings, process=process, seed=5, num_points=4)
+    assert [p["i"] for p in points] == [0, 3, 6, 9]
+    assert points[0]["t"] == (1.0 if process else 900) and points[-1]["t"] < points[0]["t"]  # ddim10: 900, 800, …
+    # the recorded chain is the one sample_seeded runs: the same final samples
+    torch.testing.assert_close(final, S.sample_seeded(model, [0, 3], settings, process=process, seed=5))
+
+    def decode(z):  # a stand-in decoder: latent channels 0..2 as an RGB image, 2× upsampled
+        return torch.tanh(z[:, :3]).repeat_interleave(2, -1).repeat_interleave(2, -2)
+
+    path = save_trajectory_grid(points, decode, ["Shirt", "Dress"], tmp_path / "t.png")
+    img = np.asarray(Image.open(path).convert("RGB"))
+    cell, pad = 16 + 2, 2
+    assert img.shape[0] == TRAJECTORY_HEADER + 4 * cell + pad    # rows: Shirt x_t, Shirt x0, Dress x_t, Dress x0
+    margin = img.shape[1] - (4 * cell + pad)                      # columns: the 4 points
+    assert margin > 0
+    for row, (sample, key) in enumerate([(0, "x"), (0, "denoised"), (1, "x"), (1, "denoised")]):
+        for col, p in enumerate(points):
+            top, left = TRAJECTORY_HEADER + pad + row * cell, margin + pad + col * cell
+            expected = to_uint8(decode(p[key][sample:sample + 1]))[0].permute(1, 2, 0).numpy()
+            assert np.array_equal(img[top:top + 16, left:left + 16], expected), (row, col)

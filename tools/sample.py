@@ -31,6 +31,9 @@ def build_parser():
                    help="VAE: bundled name, local folder or hub id (default: the checkpoint's, else the bundled one)")
     p.add_argument("--out", type=Path, default=Path("samples.png"), help="grid PNG to write")
     p.add_argument("--save-individual", type=Path, default=None, metavar="DIR", help="also write one PNG per sample")
+    p.add_argument("--trajectory", type=Path, default=None, metavar="PNG",
+                   help="also write the denoising trajectory of one sample per label (up to 4 labels): decoded "
+                        "x_t and predicted x0 at 8 points along the sampler's chain")
     p.add_argument("--device", type=device_arg, default="auto", help="auto, cpu, cuda, cuda:1, ...")
     p.add_argument("--precision", choices=("auto", "fp32", "fp16", "bf16"), default="auto",
                    help="autocast dtype on GPU (auto: bf16 on GPU, fp32 on CPU)")
@@ -66,6 +69,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.save_individual is not None:
         paths = S.save_individual_pngs(images, per_sample, args.save_individual, ckpt.class_names)
         print(f"wrote {len(paths)} PNGs to {args.save_individual}")
+    if args.trajectory is not None:
+        from latentdit.visualize import save_denoising_trajectory
+
+        path = save_denoising_trajectory(ckpt.model, vae, labels[:4], args.trajectory, settings, process=ckpt.process,
+                                         seed=args.seed, class_names=ckpt.class_names, device=device, dtype=dtype)
+        print(f"wrote {path}")
     return 0
 
 
