@@ -149,3 +149,20 @@ def test_two_processes_equal_one_process(ckpt, one_process, tmp_path):
         diff = np.abs(a["arr_0"].astype(np.int16) - b["arr_0"].astype(np.int16))
         assert diff.max() <= 1 and (diff == 0).mean() > 0.99
         assert np.array_equal(a["arr_1"], b["arr_1"])
+
+
+def test_a_flow_model_needs_nothing_extra(tmp_path):
+    from latentdit.diffusion import FlowProcess
+
+    vae_dir = make_tiny_vae_dir(tmp_path / "vae")
+    flow_ckpt = save_our_checkpoint(make_tiny_dit(seed=3, learn_sigma=False), tmp_path / "ema.safetensors",
+                                    vae=str(vae_dir), process=FlowProcess(prediction="x"))
+    argv = ["--ckpt", str(flow_ckpt), "--out-dir", str(tmp_path / "out"), "--num-samples", "3", "--chunk-size", "3",
+            "--batch-size", "3", "--num-steps", "2", "--cfg-scale", "1.5"]
+    assert _tool().main(argv) == 0
+    settings = (tmp_path / "out" / store.CHUNK_DIR / store.CHUNK_SETTINGS).read_text()
+    assert '"sampler": "heun"' in settings and '"prediction": "x"' in settings
+    with np.load(tmp_path / "out" / "samples.npz") as z:
+        assert z["arr_0"].shape == (3, 16, 16, 3)
+    with pytest.raises(LatentDiTError, match="samples ddpm models"):
+        _tool().main(argv[:2] + ["--out-dir", str(tmp_path / "o2"), "--sampler", "ddpm"])
