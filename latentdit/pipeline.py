@@ -34,7 +34,7 @@ import numpy as np
 
 from latentdit.distributed import EXIT_USER_ERROR
 from latentdit.errors import LatentDiTError, ReportedError
-from latentdit.io import atomic_path, read_json, write_json
+from latentdit.io import atomic_path, check_output_folder, read_json, write_json
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEMO_CONFIG = REPO_ROOT / "configs" / "fashion_mnist.yaml"
@@ -296,6 +296,7 @@ class Demo:
         unknown = [s for s in stages if s not in STAGES]
         if unknown:
             raise LatentDiTError(f"unknown demo stage(s) {unknown}; valid stages: {', '.join(STAGES)}")
+        check_output_folder(self.out, "--out")
         if {"train", "grid", "samples"} & set(stages):  # the training overrides, as the training tool checks them
             cfg = load_config(DEMO_CONFIG, self.train_overrides())
             if {"grid", "samples"} & set(stages):  # the sampler settings, against the process trained with

@@ -137,6 +137,9 @@ def test_settings_are_checked_before_the_first_stage(tmp_path, monkeypatch, caps
     assert "nothing to evaluate" in line and "test.npz" in line
     line = _demo_user_error(["--out", str(tmp_path / "out"), "--only", "samples"], capsys)
     assert "run the 'train' stage first" in line
+    (tmp_path / "file").write_text("")
+    line = _demo_user_error(["--out", str(tmp_path / "file"), "--only", "report"], capsys)
+    assert f"--out {tmp_path / 'file'} exists and is not a folder" in line
     assert ran == [] and not (tmp_path / "out").exists()
 
 
