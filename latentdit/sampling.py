@@ -413,7 +413,12 @@ def sampling_grid(process: Process, settings: SamplerSettings, learn_sigma: bool
         return make_dpm_solver(n, process.noise_schedule, process.diffusion_steps)
     if settings.sampler in ("ddpm", "ddim"):
         strided = settings.sampler == "ddim" and settings.ddim_map == "ddim"
-        return process.diffusion(learn_sigma, f"ddim{n}" if strided else str(n))
+        try:
+            return process.diffusion(learn_sigma, f"ddim{n}" if strided else str(n))
+        except LatentDiTError as e:
+            if not strided:
+                raise
+            raise LatentDiTError(f"{e}; choose another --num-steps or pass --ddim-map even") from None
     return flow_grid(process, n, settings.time_shift)
 
 

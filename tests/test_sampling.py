@@ -243,6 +243,7 @@ def test_bad_cfg_scale_is_an_error(tiny_model, bad):
     (dict(guided_channels=5), "guided channels"),
     (dict(time_shift=3.0), r"time_shift \(--time-shift\) applies to flow models only"),
     (dict(ddim_map="stride"), r"ddim_map \(--ddim-map\) must be one of ddim, even"),
+    (dict(sampler="ddim", num_steps=300), r"ddim300.*exactly 300 steps.*--ddim-map even"),
     (dict(labels=(0, 4)), "class ids in 0..3"),
 ])
 def test_bad_sampling_arguments(tiny_model, kw, match):

@@ -12,17 +12,38 @@ from latentdit.diffusion.process import (
     process_from_metadata,
 )
 from latentdit.diffusion.respace import create_diffusion, respace_betas, space_timesteps
-from latentdit.diffusion.samplers import ddim_sample, ddim_step, ddpm_sample, ddpm_step
+from latentdit.diffusion.samplers import (
+    SAMPLERS,
+    FlowGrid,
+    GeneratorNoise,
+    PerSampleNoise,
+    ddim_sample,
+    ddim_step,
+    ddpm_sample,
+    ddpm_step,
+    flow_grid,
+    make_dpm_solver,
+    sample_ddim,
+    sample_ddpm,
+    sample_dpm_solver,
+    sample_euler,
+    sample_euler_maruyama,
+    sample_heun,
+)
 from latentdit.diffusion.schedules import get_betas
 
 __all__ = [
     "DDPMProcess",
     "FLOW_MODEL_TIME_SCALE",
+    "FlowGrid",
     "FlowProcess",
     "GaussianDiffusion",
+    "GeneratorNoise",
     "META_PROCESS",
     "PROCESSES",
+    "PerSampleNoise",
     "Process",
+    "SAMPLERS",
     "build_process",
     "create_diffusion",
     "ddim_sample",
@@ -30,9 +51,17 @@ __all__ = [
     "ddpm_sample",
     "ddpm_step",
     "discretized_gaussian_log_likelihood",
+    "flow_grid",
     "get_betas",
+    "make_dpm_solver",
     "normal_kl",
     "process_from_metadata",
     "respace_betas",
+    "sample_ddim",
+    "sample_ddpm",
+    "sample_dpm_solver",
+    "sample_euler",
+    "sample_euler_maruyama",
+    "sample_heun",
     "space_timesteps",
 ]
