@@ -289,3 +289,58 @@ def test_resume_onto_latents_of_another_vae_is_refused(latents, tmp_path):
         with pytest.raises(LatentDiTError, match=f"it was trained on latents with {field} .* has {field} "):
             train(make_cfg(moved, run, "train.max_steps=2"), resume="auto")
     train(make_cfg(latents, run, "train.max_steps=2"), resume="auto")  # the same latents resume
+
+
+# ----------------------------------------------------------------------------------------------
+# the top-level handler itself
+# ----------------------------------------------------------------------------------------------
+
+def _exit_code(main, argv=()) -> int:
+    with pytest.raises(SystemExit) as e:
+        run_main(main, list(argv))
+    return e.value.code
+
+
+def test_messages_are_one_line_and_only_rank_zero_prints(monkeypatch, capsys, tmp_path):
+    prog = Path(sys.argv[0]).name
+
+    def user_mistake(argv):
+        raise LatentDiTError("first line\n   second line\n")
+
+    assert _exit_code(user_mistake) == 2
+    assert capsys.readouterr().err == f"{prog}: error: first line second line\n"
+    error_file = tmp_path / "error.json"
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("TORCHELASTIC_ERROR_FILE", str(error_file))
+    assert _exit_code(user_mistake) == 2
+    assert capsys.readouterr().err == ""  # rank 1 is silent; its launcher reads the error file
+    assert json.loads(error_file.read_text())["message"] == f"{prog}: error: first line second line"
+
+
+def test_fixable_file_system_errors_are_user_errors_and_others_are_not(capsys):
+    def full(argv):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), "/data/out.bin")
+
+    assert _exit_code(full) == 2
+    assert capsys.readouterr().err.endswith("error: /data/out.bin: No space left on device (free some space or "
+                                            "choose another location)\n")
+
+    def bug(argv):
+        raise FileNotFoundError(errno.ENOENT, "No such file or directory", "/internal/file")
+
+    with pytest.raises(FileNotFoundError):  # not a user error: the traceback stays
+        run_main(bug, [])
+
+
+def test_argparse_errors_are_one_line(capsys):
+    from latentdit.cli import make_parser, positive_int
+
+    def main(argv):
+        p = make_parser("test")
+        p.add_argument("--n", type=positive_int, required=True)
+        p.parse_args(argv)
+
+    assert _exit_code(main, ["--n", "0"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "argument --n: expected a positive integer (≥ 1), got 0" in err
+    assert "usage:" not in err and "--help" in err
