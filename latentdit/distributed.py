@@ -102,7 +102,7 @@ def watch_launcher(interval: float = WATCH_INTERVAL_S) -> bool:
     if threading.current_thread() is threading.main_thread():
         signal.signal(_PARENT_DEATH_SIGNAL, lambda signum, frame: _launcher_gone(parent))
         _set_parent_death_signal(_PARENT_DEATH_SIGNAL)
-    if os.getppid() != parent or parent == 1:  # the launcher died before the request above took effect
+    if os.getppid() != parent:  # the launcher died before the request above took effect
         _launcher_gone(parent)
     thread = threading.Thread(target=_poll_parent, args=(parent, interval), name="latentdit-launcher-watch",
                               daemon=True)
