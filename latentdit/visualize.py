@@ -151,16 +151,19 @@ def trajectory_steps(num_steps: int, num_points: int) -> list[int]:
 
 
 def record_trajectory(model: torch.nn.Module, labels: Sequence[int], settings=None, *, process=None, seed: int = 0,
-                      num_points: int = 8, device: str | torch.device | None = None,
+                      indices: Sequence[int] | None = None, num_points: int = 8,
+                      device: str | torch.device | None = None,
                       dtype: torch.dtype | None = None) -> tuple[list[dict], torch.Tensor]:
-    """Sample ``labels`` (sample j seeded by (seed, j), as :func:`latentdit.sampling.sample_seeded`) and keep
-    the sampler's state x_t and estimate x̂0 at :func:`trajectory_steps` of its steps.
+    """Sample ``labels`` in one batch and keep the sampler's state x_t and estimate x̂0 at
+    :func:`trajectory_steps` of its steps. Sample j has the noise of global sample ``indices[j]``
+    (default j) under ``seed``, so it is the same sample :func:`latentdit.sampling.sample_seeded` draws
+    at that index.
 
     Returns (points, final latents): each point is the sampler callback's ``{"i", "t", "x", "denoised"}``
     (latents on the CPU), in chain order.
     """
     from latentdit.diffusion import DDPMProcess
-    from latentdit.sampling import SamplerSettings, sample_seeded
+    from latentdit.sampling import SamplerSettings, per_sample_noise, sample_latents
 
     process = process if process is not None else DDPMProcess()
     settings = (settings or SamplerSettings()).resolved(process, int(model.in_channels))
@@ -172,9 +175,12 @@ def record_trajectory(model: torch.nn.Module, labels: Sequence[int], settings=No
             points.append({"i": info["i"], "t": info["t"], "x": info["x"].detach().float().cpu(),
                            "denoised": info["denoised"].detach().float().cpu()})
 
-    final = sample_seeded(model, labels, settings, process=process, seed=seed, batch_size=max(1, len(labels)),
-                          device=device, dtype=dtype, callback=callback)
-    return points, final
+    indices = list(range(len(labels))) if indices is None else [int(i) for i in indices]
+    if len(indices) != len(labels):
+        raise LatentDiTError(f"record_trajectory: {len(indices)} sample indices for {len(labels)} labels")
+    final = sample_latents(model, labels, settings, process=process, noise=per_sample_noise(seed, indices),
+                           device=device, dtype=dtype, callback=callback)
+    return points, final.cpu()
 
 
 def _time_label(t: float | int) -> str:
@@ -222,15 +228,15 @@ def save_trajectory_grid(points: Sequence[dict], decode, row_names: Sequence[str
 
 
 def save_denoising_trajectory(model: torch.nn.Module, vae, labels: Sequence[int], path: str | os.PathLike,
-                              settings=None, *, process=None, seed: int = 0, num_points: int = 8,
-                              class_names: Sequence[str] | None = None, device: str | torch.device | None = None,
-                              dtype: torch.dtype | None = None) -> Path:
+                              settings=None, *, process=None, seed: int = 0, indices: Sequence[int] | None = None,
+                              num_points: int = 8, class_names: Sequence[str] | None = None,
+                              device: str | torch.device | None = None, dtype: torch.dtype | None = None) -> Path:
     """Sample ``labels`` with the chosen sampler and write how each sample forms: decoded x_t and x̂0 at
-    ~``num_points`` points along the chain (see :func:`save_trajectory_grid`)."""
+    ~``num_points`` points along the chain (see :func:`record_trajectory`, :func:`save_trajectory_grid`)."""
     from latentdit.sampling import decode_images, label_text
 
-    points, _ = record_trajectory(model, labels, settings, process=process, seed=seed, num_points=num_points,
-                                  device=device, dtype=dtype)
+    points, _ = record_trajectory(model, labels, settings, process=process, seed=seed, indices=indices,
+                                  num_points=num_points, device=device, dtype=dtype)
     names = [label_text(int(lab), class_names) for lab in labels]
     dev = device if device is not None else next(model.parameters()).device
     return save_trajectory_grid(points, lambda z: decode_images(vae, z.to(dev)), names, path)

@@ -32,8 +32,8 @@ def build_parser():
     p.add_argument("--out", type=Path, default=Path("samples.png"), help="grid PNG to write")
     p.add_argument("--save-individual", type=Path, default=None, metavar="DIR", help="also write one PNG per sample")
     p.add_argument("--trajectory", type=Path, default=None, metavar="PNG",
-                   help="also write the denoising trajectory of one sample per label (up to 4 labels): decoded "
-                        "x_t and predicted x0 at 8 points along the sampler's chain")
+                   help="also write the denoising trajectory of the grid's first sample of each label (up to 4 "
+                        "labels): decoded x_t and predicted x0 at 8 points along the sampler's chain")
     p.add_argument("--device", type=device_arg, default="auto", help="auto, cpu, cuda, cuda:1, ...")
     p.add_argument("--precision", choices=("auto", "fp32", "fp16", "bf16"), default="auto",
                    help="autocast dtype on GPU (auto: bf16 on GPU, fp32 on CPU)")
@@ -72,8 +72,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.trajectory is not None:
         from latentdit.visualize import save_denoising_trajectory
 
-        path = save_denoising_trajectory(ckpt.model, vae, labels[:4], args.trajectory, settings, process=ckpt.process,
-                                         seed=args.seed, class_names=ckpt.class_names, device=device, dtype=dtype)
+        shown = labels[:4]
+        path = save_denoising_trajectory(
+            ckpt.model, vae, shown, args.trajectory, settings, process=ckpt.process, seed=args.seed,
+            indices=[k * args.samples_per_label for k in range(len(shown))],  # the grid's first column
+            class_names=ckpt.class_names, device=device, dtype=dtype)
         print(f"wrote {path}")
     return 0
 
