@@ -34,6 +34,55 @@ def test_launcher_exit_status_and_what_it_prints(capsys):
     assert _report_failures({0: (1, "")}) == 1
 
 
+_WORKER = """
+import sys, time
+from latentdit.cli import run_main
+def main(argv):
+    print("ready", flush=True)
+    time.sleep(120)
+run_main(main)
+"""
+
+_LAUNCHER = """
+import subprocess, sys
+worker = subprocess.Popen([sys.executable, "-c", sys.argv[1]])
+print(worker.pid, flush=True)
+worker.wait()
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+def test_a_launched_tool_stops_when_its_launcher_dies(tmp_path):
+    """Any tool under ``run_main`` with a launcher's environment: SIGKILL the parent, the tool exits with a line."""
+    env = dict(subprocess_env(), TORCHELASTIC_RUN_ID="test")
+    log_path = tmp_path / "log.txt"
+    with open(log_path, "w") as log:
+        launcher = subprocess.Popen([PY, "-c", _LAUNCHER, _WORKER], env=env, stdout=subprocess.PIPE, stderr=log,
+                                    text=True)
+        worker = int(launcher.stdout.readline())
+        assert launcher.stdout.readline().strip() == "ready"  # the worker is inside run_main
+        launcher.kill()
+        launcher.wait()
+        deadline = time.monotonic() + 10
+        while Path(f"/proc/{worker}").exists() and time.monotonic() < deadline:
+            state = _state(worker)
+            if state in (None, "Z"):
+                break
+            time.sleep(0.05)
+        state = _state(worker)
+        if state not in (None, "Z"):
+            os.kill(worker, signal.SIGKILL)
+    assert state in (None, "Z"), "the worker outlived its launcher by 10 s"
+    assert f"its launcher (process {launcher.pid}) has gone away" in log_path.read_text()
+
+
+def _state(pid: int) -> str | None:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return None
+
+
 @pytest.fixture(scope="module")
 def latents(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("latents")
