@@ -191,7 +191,7 @@ def save_trajectory_grid(points: Sequence[dict], decode, row_names: Sequence[str
                          padding: int = 2) -> Path:
     """Write the trajectory picture (PNG, atomically): one column per point labelled with its time t,
     and for each sample two rows — the decoded state x_t, then the decoded estimate x̂0 — labelled
-    ``<name> x_t`` / ``<name> x0 pred``. ``decode(latents) → images in [-1, 1]`` (e.g. a VAE's decode)."""
+    ``<name>: x_t`` / ``<name>: x0 pred``. ``decode(latents) → images in [-1, 1]`` (e.g. a VAE's decode)."""
     from PIL import Image, ImageDraw, ImageFont
     from torchvision.utils import make_grid
 
@@ -210,7 +210,7 @@ def save_trajectory_grid(points: Sequence[dict], decode, row_names: Sequence[str
     img = Image.fromarray(grid.permute(1, 2, 0).numpy())
     font = ImageFont.load_default()
     measure = ImageDraw.Draw(img)
-    labels = [f"{name} {kind}" for name in row_names for kind in ("x_t", "x0 pred")]  # ASCII: any PIL font
+    labels = [f"{name}: {kind}" for name in row_names for kind in ("x_t", "x0 pred")]  # ASCII: any PIL font
     margin = max(measure.textbbox((0, 0), s, font=font)[2] for s in labels) + 8
     canvas = Image.new("RGB", (img.width + margin, img.height + TRAJECTORY_HEADER), "white")
     canvas.paste(img, (margin, TRAJECTORY_HEADER))
