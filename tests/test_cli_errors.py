@@ -245,6 +245,8 @@ def test_run_dir_that_is_a_file(latents, tmp_path, capsys):
     line = user_error("train", ["--config", str(cfg), f"train.run_dir={tmp_path / 'run' / 'sub'}"], capsys)
     assert f"run folder {tmp_path / 'run' / 'sub'}: {tmp_path / 'run'} is a file, not a folder" in line
     assert (tmp_path / "run").read_text() == "mine"
+    line = user_error("train", ["--config", str(cfg), "--resume", str(tmp_path / "run")], capsys)
+    assert "expected a checkpoint folder (step-XXXXXXX) or a run folder, got a file" in line
     line = user_error("extract", ["--out", str(tmp_path / "run" / "lat"), "--image-size", "16"], capsys)
     assert f"--out {tmp_path / 'run' / 'lat'}: {tmp_path / 'run'} is a file" in line
 

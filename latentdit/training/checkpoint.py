@@ -173,6 +173,9 @@ def resolve_resume(spec: str | None, run_dir: str | os.PathLike) -> Path | None:
     p = Path(spec).expanduser()
     if not p.exists():
         raise LatentDiTError(f"--resume {spec}: no such checkpoint or run directory")
+    if not p.is_dir():
+        raise LatentDiTError(f"--resume {spec}: expected a checkpoint folder (step-XXXXXXX) or a run folder, "
+                             "got a file")
     if (p / STATE_FILE).is_file():
         return p
     run = p.parent if p.name == CHECKPOINTS_DIRNAME else p
