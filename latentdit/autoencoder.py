@@ -12,6 +12,7 @@ else: ``encode_moments`` returns *unscaled* posterior moments, ``decode`` takes 
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -88,6 +89,66 @@ def resolve_vae_spec(spec: str | os.PathLike) -> tuple[str, Path | None]:
     return spec, None
 
 
+#: How latents are normalised for diffusion: ``scalar`` multiplies by the config's ``scaling_factor``
+#: (the Stable Diffusion convention, the default); ``per-channel`` maps each channel to zero mean and unit
+#: std with the config's ``latents_mean`` / ``latents_std``.
+LATENT_NORMS = ("scalar", "per-channel")
+
+
+@dataclass(frozen=True)
+class LatentNorm:
+    """The map between a VAE's raw latents and the normalised latents diffusion works on (the one place
+    it is defined: extraction records it in the manifest, training data applies it, decoding inverts it)."""
+
+    kind: str = "scalar"
+    scaling_factor: float = 1.0
+    mean: tuple[float, ...] | None = None
+    std: tuple[float, ...] | None = None
+
+    def __post_init__(self) -> None:
+        if self.kind not in LATENT_NORMS:
+            raise LatentDiTError(f"latent normalisation must be one of {', '.join(LATENT_NORMS)}, got {self.kind!r}")
+        if self.kind == "per-channel" and (self.mean is None or self.std is None or len(self.mean) != len(self.std)
+                                           or not all(v > 0 for v in self.std)):
+            raise LatentDiTError("per-channel latent normalisation needs latents_mean and latents_std of equal "
+                                 f"length with positive stds, got {self.mean!r} / {self.std!r}")
+
+    def _shape(self, z: torch.Tensor, values: tuple[float, ...]) -> torch.Tensor:
+        if z.shape[-3] != len(values):
+            raise LatentDiTError(f"latents have {z.shape[-3]} channels; the per-channel statistics have {len(values)}")
+        return torch.tensor(values, dtype=z.dtype, device=z.device).view(-1, 1, 1)
+
+    def normalize(self, z: torch.Tensor) -> torch.Tensor:
+        """Raw latents (``[..., C, h, w]``) → normalised latents."""
+        if self.kind == "scalar":
+            return z * self.scaling_factor
+        return (z - self._shape(z, self.mean)) / self._shape(z, self.std)
+
+    def denormalize(self, latents: torch.Tensor) -> torch.Tensor:
+        """Normalised latents → raw latents (the inverse of :meth:`normalize`)."""
+        if self.kind == "scalar":
+            return latents / self.scaling_factor
+        return latents * self._shape(latents, self.std) + self._shape(latents, self.mean)
+
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"kind": self.kind, "scaling_factor": self.scaling_factor}
+        if self.kind == "per-channel":
+            out.update(mean=list(self.mean), std=list(self.std))
+        return out
+
+    @classmethod
+    def from_dict(cls, data: Any, where: str = "latent_norm") -> "LatentNorm":
+        if not isinstance(data, dict):
+            raise LatentDiTError(f"{where}: expected a mapping with kind and scaling_factor, got {data!r}")
+        try:
+            mean, std = data.get("mean"), data.get("std")
+            return cls(str(data["kind"]), float(data["scaling_factor"]),
+                       None if mean is None else tuple(float(v) for v in mean),
+                       None if std is None else tuple(float(v) for v in std))
+        except (KeyError, TypeError, ValueError) as e:
+            raise LatentDiTError(f"{where}: expected kind, scaling_factor (and mean/std), got {data!r}") from e
+
+
 class VAE:
     """A loaded ``AutoencoderKL`` in eval mode with the helpers the latent pipeline needs."""
 
@@ -129,6 +190,16 @@ class VAE:
     def scaling_factor(self) -> float:
         """The latent scaling factor — read from the VAE config, the only place it is defined."""
         return float(self.model.config.scaling_factor)
+
+    def latent_norm(self, kind: str = "scalar") -> LatentNorm:
+        """The normalisation ``kind`` (see :data:`LATENT_NORMS`) with this VAE's statistics."""
+        if kind == "per-channel":
+            mean, std = self.model.config.get("latents_mean"), self.model.config.get("latents_std")
+            if mean is None or std is None:
+                raise LatentDiTError(f"the VAE {self.spec} has no latents_mean / latents_std in its config; "
+                                     "per-channel latent normalisation needs them (use the scalar one)")
+            return LatentNorm(kind, self.scaling_factor, tuple(float(v) for v in mean), tuple(float(v) for v in std))
+        return LatentNorm(kind, self.scaling_factor)
 
     @property
     def latent_channels(self) -> int:
@@ -201,15 +272,17 @@ class VAE:
         return torch.cat(means), torch.cat(stds)
 
     @torch.no_grad()
-    def decode(self, scaled_latents: torch.Tensor) -> torch.Tensor:
-        """Images in ``[-1, 1]`` (float32) from latents *multiplied by* ``scaling_factor``."""
+    def decode(self, scaled_latents: torch.Tensor, norm: LatentNorm | None = None) -> torch.Tensor:
+        """Images in ``[-1, 1]`` (float32) from normalised latents: by default *multiplied by*
+        ``scaling_factor``; with ``norm``, whatever :meth:`LatentNorm.normalize` made of them."""
         if scaled_latents.ndim != 4 or scaled_latents.shape[1] != self.latent_channels:
             raise LatentDiTError(f"latents must be shaped [N, {self.latent_channels}, h, w], "
                                  f"got {tuple(scaled_latents.shape)}")
+        norm = self.latent_norm() if norm is None else norm
         pixels = scaled_latents.shape[-2] * scaled_latents.shape[-1] * self.downsample_factor ** 2
         images = []
         for chunk in self._calls(scaled_latents, pixels):
-            z = (chunk.to(device=self.device, dtype=self.dtype) / self.scaling_factor).contiguous(
+            z = norm.denormalize(chunk.to(device=self.device, dtype=self.dtype)).contiguous(
                 memory_format=torch.channels_last)
             images.append(self.model.decode(z).sample.float().clamp(-1.0, 1.0))
         return torch.cat(images)
@@ -231,14 +304,16 @@ class VAE:
         return torch.cat(means), torch.cat(stds)
 
     def decode_batched(self, scaled_latents: torch.Tensor, batch_size: int = 64,
-                       progress: bool = False) -> torch.Tensor:
+                       progress: bool = False, norm: LatentNorm | None = None) -> torch.Tensor:
         """:meth:`decode` over ``scaled_latents`` in chunks; results on the CPU."""
-        return torch.cat([self.decode(chunk).cpu() for chunk in _chunks(scaled_latents, batch_size, progress, "decode")])
+        return torch.cat([self.decode(chunk, norm).cpu()
+                          for chunk in _chunks(scaled_latents, batch_size, progress, "decode")])
 
     def reconstruct(self, images: torch.Tensor, batch_size: int = 64) -> torch.Tensor:
         """Decode of the posterior mean (the deterministic reconstruction), on the CPU."""
         mean, _ = self.encode_moments_batched(images, batch_size)
-        return self.decode_batched(mean * self.scaling_factor, batch_size)
+        norm = self.latent_norm()
+        return self.decode_batched(norm.normalize(mean), batch_size, norm=norm)
 
     def _check_images(self, images: torch.Tensor) -> None:
         if images.ndim != 4 or images.shape[1] != self.model.config.in_channels:

@@ -14,7 +14,8 @@ import numpy as np
 import pytest
 import torch
 
-from latentdit.autoencoder import (BUNDLED_VAE, BUNDLED_VAE_CARD_JSON, VAE, bundled_vae_path, psnr,
+from latentdit.autoencoder import (BUNDLED_CLIPART_VAE, BUNDLED_VAE, BUNDLED_VAE_CARD_JSON, BUNDLED_VAES,
+                                   LATENT_NORMS, VAE, LatentNorm, bundled_vae_path, default_vae_for, psnr,
                                    reconstruction_psnr)
 from latentdit.errors import LatentDiTError
 from latentdit.io import load_safetensors, read_json, sha256_file
@@ -165,27 +166,61 @@ def test_psnr_exact():
         psnr(a, b[:1])
 
 
-# ------------------------------------------------------------------------------------------ bundled VAE
+# ------------------------------------------------------------------------------------------ per-channel latents
 
 
-def bundled_card() -> dict:
-    return read_json(bundled_vae_path() / BUNDLED_VAE_CARD_JSON, "bundled VAE model card")
+def test_latent_norm_round_trip_decodes_like_the_raw_latent(tmp_path):
+    model = tiny_autoencoder()
+    model.register_to_config(latents_mean=[0.5, -1.0, 0.25, 2.0], latents_std=[2.0, 0.5, 1.0, 4.0])
+    model.save_pretrained(str(tmp_path / "vae"))
+    vae = VAE.load(tmp_path / "vae")
+    x = images()
+    mean, _ = vae.encode_moments(x)
+    with torch.no_grad():
+        expected = vae.model.decode(mean).sample.clamp(-1, 1)  # decode of the raw latent
+    for kind in LATENT_NORMS:
+        norm = vae.latent_norm(kind)
+        z = norm.normalize(mean)
+        torch.testing.assert_close(norm.denormalize(z), mean, rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(vae.decode(z, norm), expected, rtol=1e-5, atol=1e-5)
+        assert LatentNorm.from_dict(norm.to_dict()) == norm
+    per_channel = vae.latent_norm("per-channel").normalize(mean)
+    torch.testing.assert_close(per_channel[:, 1], (mean[:, 1] + 1.0) / 0.5)  # (z - mean_c) / std_c
+    torch.testing.assert_close(vae.latent_norm().normalize(mean), mean * 0.5)  # scalar: z * scaling_factor
+    with pytest.raises(LatentDiTError, match="no latents_mean / latents_std"):
+        VAE(tiny_autoencoder()).latent_norm("per-channel")
+    with pytest.raises(LatentDiTError, match="must be one of scalar, per-channel"):
+        LatentNorm("per-pixel", 1.0)
 
 
-def test_bundled_vae_loads_by_name():
-    vae = VAE.load(BUNDLED_VAE)
-    card = bundled_card()
-    assert vae.spec == BUNDLED_VAE and vae.folder == bundled_vae_path()
+# ------------------------------------------------------------------------------------------ bundled VAEs
+
+
+def bundled_card(name: str = BUNDLED_VAE) -> dict:
+    return read_json(bundled_vae_path(name) / BUNDLED_VAE_CARD_JSON, "bundled VAE model card")
+
+
+@pytest.mark.parametrize("name", sorted(BUNDLED_VAES))
+def test_bundled_vae_loads_by_name(name):
+    vae = VAE.load(name)
+    card = bundled_card(name)
+    assert vae.spec == name and vae.folder == bundled_vae_path(name)
     assert vae.latent_shape(64) == (4, 8, 8) and vae.downsample_factor == 8
     assert vae.scaling_factor == pytest.approx(card["scaling_factor"], rel=1e-12)
     assert vae.identity()["weights_sha256"] == card["weights_sha256"]
-    assert (bundled_vae_path() / "MODEL_CARD.md").is_file()
-    size = (bundled_vae_path() / "diffusion_pytorch_model.safetensors").stat().st_size
+    assert vae.latent_norm("per-channel").std == pytest.approx(tuple(card["latents_std"]))
+    assert (bundled_vae_path(name) / "MODEL_CARD.md").is_file()
+    size = (bundled_vae_path(name) / "diffusion_pytorch_model.safetensors").stat().st_size
     assert size == card["weights_bytes"] and size < 15e6
 
 
+def test_default_vae_follows_the_data():
+    assert default_vae_for("fashion-mnist") == BUNDLED_VAE
+    assert default_vae_for("/data/my-images") == BUNDLED_CLIPART_VAE
+
+
 @pytest.mark.slow
-def test_bundled_vae_psnr_at_least_card_value():
+def test_fashion_mnist_vae_psnr_at_least_card_value():
     from latentdit.data.fashion_mnist import FashionMNIST
 
     card = bundled_card()
@@ -194,83 +229,21 @@ def test_bundled_vae_psnr_at_least_card_value():
         ds = FashionMNIST("test", image_size=64, download=False)
     except LatentDiTError as e:
         pytest.skip(f"Fashion-MNIST not installed: {e}")
-    x, _ = ds.batch(range(n))
+    x, _ = ds.batch(range(n))  # held out: the first images of the test split
     value = reconstruction_psnr(VAE.load(), x)
     assert value >= card["psnr_check_db"] - 0.01, (value, card["psnr_check_db"])
 
 
-# ------------------------------------------------------------------------------------------ tools/train_vae.py
+CLIPART_SAMPLE = REPO / "tests" / "data" / "clipart-heldout"
 
 
-def load_tool():
-    spec = importlib.util.spec_from_file_location("train_vae_tool", REPO / "tools" / "train_vae.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
+def test_clipart_vae_psnr_on_its_held_out_sample_at_least_card_value():
+    from latentdit.data import build_image_dataset
 
-
-def write_fake_fashion_mnist(root: Path, n_train: int = 24, n_test: int = 8) -> None:
-    rng = np.random.default_rng(0)
-    for prefix, n in (("train", n_train), ("t10k", n_test)):
-        ims = np.zeros((n, 28, 28), dtype=np.uint8)
-        ims[:, 6:22, 8:20] = rng.integers(60, 256, size=(n, 1, 1))  # flat blobs: learnable in a few steps
-        labels = (np.arange(n) % 10).astype(np.uint8)
-        for kind, arr, magic in (("images-idx3", ims, 0x0803), ("labels-idx1", labels, 0x0801)):
-            with gzip.open(root / f"{prefix}-{kind}-ubyte.gz", "wb") as f:
-                f.write(struct.pack(">i", magic) + struct.pack(f">{arr.ndim}i", *arr.shape) + arr.tobytes())
-
-
-TINY = ["--image-size", "16", "--crop-size", "8", "--block-out-channels", "8,16", "--norm-num-groups", "4",
-        "--batch-size", "4", "--warmup-steps", "0", "--min-lr-ratio", "1", "--scale-images", "8",
-        "--psnr-images", "8", "--psnr-check-images", "4", "--sample-every", "2", "--checkpoint-every", "2"]
-
-
-def test_config_file_matches_defaults():
-    tool = load_tool()
-    cfg = tool.load_config(REPO / "configs" / "vae_fashion_mnist.yaml", {})
-    assert dataclasses.asdict(cfg) == dataclasses.asdict(tool.VAETrainConfig())
-    with pytest.raises(LatentDiTError, match="'crop_size' = 12: expected 0 or a multiple of 8"):
-        tool.load_config(None, {"crop_size": "12"})
-    with pytest.raises(LatentDiTError, match="'recon_loss'"):
-        tool.load_config(None, {"recon_loss": "l3"})
-
-
-def test_train_vae_tiny_run_and_exact_resume(tmp_path):
-    tool = load_tool()
-    data = tmp_path / "data"
-    data.mkdir()
-    write_fake_fashion_mnist(data)
-    common = TINY + ["--data-root", str(data)]
-
-    straight = tmp_path / "straight"
-    assert tool.main(common + ["--out", str(straight), "--steps", "4"]) == 0
-    split = tmp_path / "split"
-    assert tool.main(common + ["--out", str(split), "--steps", "2"]) == 0
-    with pytest.raises(LatentDiTError, match="already holds a training run"):
-        tool.main(common + ["--out", str(split), "--steps", "4"])
-    with pytest.raises(LatentDiTError, match=r"config differs .* \['lr'\]"):
-        tool.main(common + ["--out", str(split), "--steps", "4", "--resume", "--lr", "0.5"])
-    assert tool.main(common + ["--out", str(split), "--steps", "4", "--resume"]) == 0
-
-    latest = read_json(split / "checkpoints" / "latest.json")
-    assert latest["step"] == 4 and sorted(p.name for p in (split / "checkpoints").iterdir()) == [
-        "latest.json", "model-0000004.safetensors", "optimizer-0000004.pt"]
-    a, _ = load_safetensors(straight / "checkpoints" / "model-0000004.safetensors")
-    b, _ = load_safetensors(split / "checkpoints" / "model-0000004.safetensors")
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    assert (split / "samples" / "step-0000004.png").is_file()
-
-    # the exported folder loads through VAE.load, carries the measured scaling factor and its card
-    card = read_json(split / "vae" / BUNDLED_VAE_CARD_JSON)
-    vae = VAE.load(split / "vae")
-    assert card["steps_done"] == 4 and not card["stopped_early"]
-    assert vae.scaling_factor == pytest.approx(1 / card["latent_std"], rel=1e-9)
-    assert card["psnr_db"] == pytest.approx(read_json(straight / "vae" / BUNDLED_VAE_CARD_JSON)["psnr_db"], abs=1e-3)
-    assert "--resume" in card["command"] and (split / "vae" / "MODEL_CARD.md").is_file()
-
-
-def test_train_vae_resume_needs_checkpoint(tmp_path):
-    tool = load_tool()
-    with pytest.raises(LatentDiTError, match="--resume: no checkpoint"):
-        tool.main(TINY + ["--out", str(tmp_path / "none"), "--resume"])
+    card = bundled_card(BUNDLED_CLIPART_VAE)
+    ds = build_image_dataset(CLIPART_SAMPLE, image_size=card["config"]["data"]["image_size"])
+    names = {Path(p).name for p in ds.relative_paths()}
+    assert names <= {Path(n).name for n in card["held_out_names"]}  # never trained on
+    x = torch.stack([ds[i][0] for i in range(len(ds))])
+    value = reconstruction_psnr(VAE.load(BUNDLED_CLIPART_VAE), x)
+    assert value >= card["tests_sample_psnr_db"] - 0.01, (value, card["tests_sample_psnr_db"])

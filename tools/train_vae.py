@@ -41,7 +41,7 @@ def build_parser():
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = build_parser().parse_intermixed_args(argv)  # overrides may come before and after the options
     overrides = list(args.overrides)
     if args.data is not None:
         overrides.append(f"data.source={args.data}")
