@@ -494,13 +494,19 @@ def test_all_options_round_trip_through_save_and_load(tmp_path):
 def test_all_options_model_samples_through_the_sample_tool(tmp_path, capsys):
     from PIL import Image
 
-    from latentdit.cli import run_main
-    from test_sampling import _tool, make_tiny_vae_dir, save_our_checkpoint
+    import importlib.util
+    from pathlib import Path
 
+    from latentdit.cli import run_main
+    from test_sampling import make_tiny_vae_dir, save_our_checkpoint
+
+    spec = importlib.util.spec_from_file_location("sample_tool", Path(__file__).parents[1] / "tools" / "sample.py")
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
     model = randomize(create_dit("DiT-T/2", input_size=8, num_classes=4, **ALL_OPTIONS))
     ckpt = save_our_checkpoint(model, tmp_path / "ema.safetensors", vae=str(make_tiny_vae_dir(tmp_path / "vae")))
     with pytest.raises(SystemExit) as e:
-        run_main(_tool().main, ["--ckpt", str(ckpt), "--labels", "0,3", "--samples-per-label", "2",
+        run_main(tool.main, ["--ckpt", str(ckpt), "--labels", "0,3", "--samples-per-label", "2",
                                 "--num-steps", "3", "--device", "cpu", "--out", str(tmp_path / "grid.png"),
                                 "--save-individual", str(tmp_path / "ind")])
     assert e.value.code == 0, capsys.readouterr().err
