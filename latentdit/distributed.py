@@ -146,14 +146,13 @@ def launch_main(argv: Sequence[str] | None = None) -> int:
     a user error, else the failing worker's status (128 + signal number for a signal).
     """
     from accelerate.commands.launch import launch_command, launch_command_parser
+    from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
 
     parser = launch_command_parser()
     parser.prog = "python -m latentdit.launch"
     args = parser.parse_args(argv)
-    # the elastic agent logs every worker failure and every stop signal it sends: the workers' own
-    # output says what went wrong, and the summary below says which process failed
-    logging.getLogger("torch.distributed.elastic").setLevel(logging.CRITICAL)
+    _quiet_elastic_agent()
     os.environ[LAUNCH_PRINTS_ENV] = "1"  # inherited by the workers
     try:
         launch_command(args)
@@ -161,7 +160,27 @@ def launch_main(argv: Sequence[str] | None = None) -> int:
         return _report_failures({r: (f.exitcode, f.message) for r, f in e.failures.items()})
     except subprocess.CalledProcessError as e:  # one process without an error file: it printed its message
         return EXIT_USER_ERROR if e.returncode == EXIT_USER_ERROR else _report_failures({0: (e.returncode, None)})
+    except SignalException as e:  # Ctrl-C or a stop signal: the agent has stopped the workers
+        print(f"interrupted ({signal.Signals(e.sigval).name})", file=sys.stderr, flush=True)
+        return 128 + int(e.sigval)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr, flush=True)
+        return 128 + int(signal.SIGINT)
     return 0
+
+
+def _quiet_elastic_agent() -> None:
+    """Silence the elastic agent's log lines (each worker failure, each stop signal it sends): the workers'
+    own output says what went wrong, and :func:`_report_failures` which process failed. Its modules set
+    their loggers' levels one by one when imported, so they are imported first."""
+    import torch.distributed.elastic.agent.server.api  # noqa: F401
+    import torch.distributed.elastic.multiprocessing.api  # noqa: F401
+    import torch.distributed.run  # noqa: F401
+
+    for name, logger in list(logging.root.manager.loggerDict.items()):
+        if name.startswith(("torch.distributed.elastic", "torch.distributed.launcher", "torch.distributed.run")) \
+                and isinstance(logger, logging.Logger):
+            logger.setLevel(logging.CRITICAL)
 
 
 def _report_failures(failures: dict[int, tuple[int, object]]) -> int:
