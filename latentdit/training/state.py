@@ -35,7 +35,8 @@ CONFIG_FILE = "config.yaml"
 
 @dataclass
 class TrainState:
-    """One run: its settings, its parts, and the step it has reached (the only field the loop advances)."""
+    """One run: its settings, its parts, the step it has reached and its NaN record (the two fields the
+    loop changes)."""
 
     cfg: Config
     accelerator: Any
