@@ -170,8 +170,10 @@ def test_gradients_reach_adaln_layers_after_one_step():
     assert model.pos_embed.grad is None
 
 
-def test_grad_checkpointing_gives_same_outputs_and_gradients():
-    a = randomize(tiny())
+@pytest.mark.parametrize("options", [{}, dict(norm="rmsnorm", mlp="swiglu", pos="rope2d", qk_norm=True)],
+                         ids=["paper", "all-options"])
+def test_grad_checkpointing_gives_same_outputs_and_gradients(options):
+    a = randomize(tiny(**options))
     b = DiT(**{**a.config, "grad_checkpointing": True})
     b.load_state_dict(a.state_dict())
     x, t = inputs()
