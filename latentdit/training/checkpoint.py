@@ -227,9 +227,10 @@ def read_state(ckpt: Path) -> dict[str, Any]:
     return state
 
 
-#: What a run's latents must keep across a resume: the latent space (the VAE and its scaling), the images it
-#: encoded (size, preprocessing), the latent shape and the meaning of the labels.
-LATENT_IDENTITY_FIELDS = ("vae", "scaling_factor", "image_size", "preprocessing", "latent_shape", "class_names")
+#: What a run's latents must keep across a resume: the latent space (the VAE, its scaling and any per-channel
+#: normalisation), the images it encoded (size, preprocessing), the latent shape and the meaning of the labels.
+LATENT_IDENTITY_FIELDS = ("vae", "scaling_factor", "latent_norm", "image_size", "preprocessing", "latent_shape",
+                          "class_names")
 
 
 def latents_identity(manifest: Mapping[str, Any]) -> dict[str, Any]:
