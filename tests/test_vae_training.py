@@ -98,6 +98,30 @@ def test_folder_run_exports_a_vae_for_from_pretrained_and_extract(image_folder, 
     manifest = read_json(latents / "manifest.json")
     assert manifest["num_items"] == 16 and manifest["latent_shape"] == [4, 8, 8]
     assert manifest["scaling_factor"] == pytest.approx(model.config.scaling_factor)
+    assert manifest["latent_norm"] is None  # the default: x scaling_factor, as before
+
+    # per-channel normalisation: recorded in the manifest, applied by the training data, inverted by decode
+    from latentdit.autoencoder import VAE
+    from latentdit.data.latents import LatentDataset
+
+    per_channel = tmp_path / "latents-pc"
+    assert load_tool("extract").main(["--data", str(image_folder), "--vae", str(vae_dir), "--image-size", "16",
+                                      "--out", str(per_channel), "--num-workers", "0", "--no-progress",
+                                      "--latent-norm", "per-channel"]) == 0
+    assert read_json(per_channel / "manifest.json")["latent_norm"]["kind"] == "per-channel"
+    scalar_item, _ = LatentDataset(latents, seed=3)[5]
+    pc_item, _ = LatentDataset(per_channel, seed=3)[5]
+    raw = scalar_item / model.config.scaling_factor
+    mean = torch.tensor(model.config.latents_mean).view(4, 1, 1)
+    std = torch.tensor(model.config.latents_std).view(4, 1, 1)
+    torch.testing.assert_close(pc_item, (raw - mean) / std, rtol=1e-4, atol=1e-4)
+    vae = VAE.load(vae_dir)
+    torch.testing.assert_close(vae.decode(pc_item[None], vae.latent_norm("per-channel")),
+                               vae.decode(scalar_item[None]), rtol=1e-4, atol=1e-4)
+    with pytest.raises(LatentDiTError, match="different latent_norm"):
+        load_tool("extract").main(["--data", str(image_folder), "--vae", str(vae_dir), "--image-size", "16",
+                                   "--out", str(latents), "--num-workers", "0", "--no-progress",
+                                   "--latent-norm", "per-channel"])
 
 
 def test_held_out_split_comes_from_a_val_folder(image_folder, tmp_path):

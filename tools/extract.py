@@ -18,7 +18,7 @@ from latentdit.cli import device_arg, make_parser, non_negative_int, positive_in
 def main(argv: Sequence[str] | None = None) -> int:
     import torch
 
-    from latentdit.autoencoder import BUNDLED_VAE
+    from latentdit.autoencoder import BUNDLED_CLIPART_VAE, BUNDLED_VAE, LATENT_NORMS
     from latentdit.data.extract import extract_latents
     from latentdit.data.latents import STORAGE_DTYPES
 
@@ -28,7 +28,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--split", default="train", help="dataset split (fashion-mnist: train/test; a folder with "
                    "train/ val/ subfolders is entered at this split)")
     p.add_argument("--image-size", type=positive_int, default=64, help="images are center-cropped to this size")
-    p.add_argument("--vae", default=BUNDLED_VAE, help="bundled VAE name, a save_pretrained folder or a hub id")
+    p.add_argument("--vae", default=None, help="bundled VAE name, a save_pretrained folder or a hub id (default: "
+                   f"{BUNDLED_VAE} for fashion-mnist, {BUNDLED_CLIPART_VAE} for image folders)")
+    p.add_argument("--latent-norm", choices=LATENT_NORMS, default="scalar",
+                   help="how training normalises the latents: x scaling_factor, or per channel with the VAE's "
+                   "latents_mean / latents_std (recorded in the manifest)")
     p.add_argument("--out", required=True, help="output directory for the shards and manifest.json")
     p.add_argument("--batch-size", type=positive_int, default=32, help="images per encoder call (per process)")
     p.add_argument("--num-workers", type=non_negative_int, default=2, help="DataLoader workers decoding images")
@@ -47,7 +51,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         args.data, args.out, vae=args.vae, split=args.split, image_size=args.image_size, batch_size=args.batch_size,
         num_workers=args.num_workers, shard_size=args.shard_size, flip=not args.no_flip, limit=args.limit,
         dtype=args.dtype, device=None if args.device == "auto" else args.device,
-        vae_dtype=getattr(torch, args.vae_dtype), progress=not args.no_progress)
+        vae_dtype=getattr(torch, args.vae_dtype), progress=not args.no_progress, latent_norm=args.latent_norm)
 
     if report.is_main_process:
         print(report.format())

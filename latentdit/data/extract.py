@@ -142,12 +142,17 @@ def _vae_identity(vae: Any) -> dict[str, Any]:
 
 
 def extraction_settings(vae: Any, dataset_ident: dict[str, Any], *, image_size: int, dtype: str, flip: bool,
-                        shard_size: int, num_items: int, limit: int | None, preprocessing: str) -> dict[str, Any]:
-    """The settings stored in every shard and in the manifest; compared when resuming."""
+                        shard_size: int, num_items: int, limit: int | None, preprocessing: str,
+                        latent_norm: str = "scalar") -> dict[str, Any]:
+    """The settings stored in every shard and in the manifest; compared when resuming. ``latent_norm``
+    ``per-channel`` records the VAE's per-channel statistics (training normalises with them); the default
+    scalar normalisation records nothing beyond ``scaling_factor``, as before."""
     factor = int(vae.downsample_factor)
     if image_size % factor:
         raise LatentDiTError(f"--image-size {image_size} is not a multiple of the VAE's downsampling factor {factor}")
+    norm = None if latent_norm == "scalar" else vae.latent_norm(latent_norm).to_dict()
     return {
+        "latent_norm": norm,
         "format_version": FORMAT_VERSION,
         "vae": _vae_identity(vae),
         "scaling_factor": float(vae.scaling_factor),
@@ -214,6 +219,7 @@ def build_manifest(out: str | os.PathLike, settings: dict[str, Any]) -> dict[str
         "format_version": FORMAT_VERSION,
         "vae": settings["vae"],
         "scaling_factor": settings["scaling_factor"],
+        "latent_norm": settings.get("latent_norm"),
         "image_size": settings["image_size"],
         "latent_shape": settings["latent_shape"],
         "dtype": settings["dtype"],
@@ -293,10 +299,13 @@ def extract_latents(
     progress: bool = True,
     use_accelerate: bool = True,
     on_shard_written: Callable[[int, Path], None] | None = None,
+    latent_norm: str = "scalar",
 ) -> ExtractionReport:
     """Encode ``data`` (``fashion-mnist`` or an image folder) into ``out``; see the module docstring.
 
-    ``vae`` is a loaded VAE or a spec for ``VAE.load`` (default: the bundled one). ``dtype`` is the storage
+    ``vae`` is a loaded VAE or a spec for ``VAE.load`` (default: the bundled VAE for ``data``, see
+    ``latentdit.autoencoder.default_vae_for``); ``latent_norm`` (``scalar`` or ``per-channel``) is recorded
+    in the manifest and applied by the training data. ``dtype`` is the storage
     dtype of the moments (``float16`` or ``float32``); ``vae_dtype`` the encoder's compute dtype.
     ``limit`` keeps the first N items. ``on_shard_written(k, path)`` is called after each shard (tests use
     it to simulate a kill). Under ``accelerate launch`` every process must call this with the same arguments.
@@ -325,15 +334,16 @@ def extract_latents(
     preprocessing = FASHION_MNIST_PREPROCESSING if is_fashion_mnist(data) else PREPROCESSING
 
     if vae is None or isinstance(vae, (str, os.PathLike)):
-        from latentdit.autoencoder import BUNDLED_VAE, VAE
+        from latentdit.autoencoder import VAE, default_vae_for
 
         if not is_main:  # the main process loads (and, for a hub id, downloads) first
             barrier()
-        vae = VAE.load(BUNDLED_VAE if vae is None else vae, device=device, dtype=vae_dtype)
+        vae = VAE.load(default_vae_for(data) if vae is None else vae, device=device, dtype=vae_dtype)
         if is_main:
             barrier()
     settings = extraction_settings(vae, ident, image_size=image_size, dtype=dtype, flip=flip, shard_size=shard_size,
-                                   num_items=num_items, limit=limit, preprocessing=preprocessing)
+                                   num_items=num_items, limit=limit, preprocessing=preprocessing,
+                                   latent_norm=latent_norm)
     total_shards = num_shards(num_items, shard_size)
 
     # Every process checks the same files, so a mismatch stops all of them before any collective call.

@@ -38,7 +38,8 @@ STORAGE_DTYPES = {"float16": torch.float16, "float32": torch.float32}
 
 #: Settings fields compared when adding to an existing directory, in the order they are checked.
 CHECKED_FIELDS = ("format_version", "vae.config_sha256", "vae.weights_sha256", "image_size", "latent_shape",
-                  "scaling_factor", "dtype", "flip", "shard_size", "num_items", "dataset", "preprocessing")
+                  "scaling_factor", "latent_norm", "dtype", "flip", "shard_size", "num_items", "dataset",
+                  "preprocessing")
 
 
 def shard_name(index: int) -> str:
@@ -174,6 +175,16 @@ MANIFEST_FIELDS: tuple[tuple[str, str, Any], ...] = (
 )
 
 
+def manifest_latent_norm(manifest: Mapping[str, Any], path: str | os.PathLike = MANIFEST_NAME):
+    """The :class:`latentdit.autoencoder.LatentNorm` of a manifest (scalar ``scaling_factor`` when it records
+    none, as every manifest written before per-channel normalisation existed)."""
+    from latentdit.autoencoder import LatentNorm
+
+    if manifest.get("latent_norm") is None:
+        return LatentNorm("scalar", float(manifest["scaling_factor"]))
+    return LatentNorm.from_dict(manifest["latent_norm"], f"{path}: field 'latent_norm'")
+
+
 def check_manifest_fields(manifest: Mapping[str, Any], path: str | os.PathLike) -> None:
     """Raise :class:`LatentDiTError` naming the first missing or ill-typed field of a latent manifest."""
     for name, expected, ok in MANIFEST_FIELDS:
@@ -197,8 +208,9 @@ def item_seed(seed: int, epoch: int, index: int) -> int:
 
 class LatentDataset(torch.utils.data.Dataset):
     """Stored latents for training: item ``i`` is ``(latent [C, h, w] float32, label long)`` where
-    ``latent = (mean + std * noise) * scaling_factor`` from the image's or (with probability 1/2 when
-    ``flip``) its horizontal flip's stored moments.
+    ``latent = normalize(mean + std * noise)`` from the image's or (with probability 1/2 when ``flip``) its
+    horizontal flip's stored moments; ``normalize`` is the manifest's latent normalisation
+    (:class:`latentdit.autoencoder.LatentNorm`: ``× scaling_factor`` unless extracted per channel).
 
     The noise and flip of item ``i`` come from a generator seeded by ``(seed, epoch, i)``, so an item is a
     pure function of those three (exact resume, any number of processes or workers). Call
@@ -217,6 +229,7 @@ class LatentDataset(torch.utils.data.Dataset):
         self.num_classes: int = int(m["num_classes"])
         self.latent_shape: tuple[int, int, int] = tuple(int(s) for s in m["latent_shape"])
         self.scaling_factor: float = float(m["scaling_factor"])
+        self.latent_norm = manifest_latent_norm(m, self.root / MANIFEST_NAME)
         self.image_size: int = int(m["image_size"])
         self.vae: str = str(m["vae"]["spec"])
         shards = m["shards"]
@@ -316,7 +329,7 @@ class LatentDataset(torch.utils.data.Dataset):
         flipped = bool(torch.randint(0, 2, (1,), generator=g).item()) if self.flip else False
         noise = torch.randn(self.latent_shape, generator=g)
         k = 1 if flipped else 0
-        latent = (m["mean"][k] + m["std"][k] * noise) * self.scaling_factor
+        latent = self.latent_norm.normalize(m["mean"][k] + m["std"][k] * noise)
         return latent, m["label"]
 
     @property
