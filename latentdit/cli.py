@@ -115,6 +115,30 @@ def existing_file(text: str) -> Path:
     return path
 
 
+def output_file(text: str) -> Path:
+    """argparse type: a file to write. Nothing or a regular file may be there (a symbolic link counts as its
+    target); a folder, device, FIFO or socket, or a file where one of its folders belongs, is refused now
+    rather than after the work."""
+    from latentdit.io import writable_target
+
+    path = Path(text).expanduser()
+    try:
+        writable_target(path)
+    except LatentDiTError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    return path
+
+
+def output_folder(text: str) -> Path:
+    """argparse type: a folder to write into (existing or not); a file there, or above it, is refused."""
+    from latentdit.io import check_output_folder
+
+    try:
+        return check_output_folder(Path(text).expanduser(), "output folder")
+    except LatentDiTError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
 def device_arg(text: str) -> str:
     """argparse type for ``--device``: ``auto``, ``cpu``, ``cuda``, ``cuda:1``, ``mps``... that exists here."""
     import torch

@@ -346,3 +346,20 @@ def test_argparse_errors_are_one_line(capsys):
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "argument --n: expected a positive integer (≥ 1), got 0" in err
     assert "usage:" not in err and "--help" in err
+
+
+def test_output_paths_are_checked_before_any_work(tmp_path, capsys):
+    (tmp_path / "folder").mkdir()
+    (tmp_path / "file").write_text("keep")
+    os.mkfifo(tmp_path / "pipe")
+    line = user_error("sample", ["--ckpt", str(tmp_path), "--out", "/dev/full"], capsys)
+    assert "refusing to write /dev/full: it is a device" in line  # and /dev/full is only looked at
+    line = user_error("sample", ["--ckpt", str(tmp_path), "--out", str(tmp_path / "folder")], capsys)
+    assert "it is a folder; expected the path of a file" in line
+    line = user_error("sample", ["--ckpt", str(tmp_path), "--save-individual", str(tmp_path / "file")], capsys)
+    assert f"output folder {tmp_path / 'file'} exists and is not a folder" in line
+    line = user_error("sample_ddp", ["--ckpt", "x", "--out-dir", str(tmp_path / "file" / "sub")], capsys)
+    assert f"{tmp_path / 'file'} is a file, not a folder" in line
+    line = user_error("fid", [str(tmp_path), "--save-stats", str(tmp_path / "pipe")], capsys)
+    assert "it is a FIFO" in line
+    assert (tmp_path / "file").read_text() == "keep" and (tmp_path / "pipe").is_fifo()

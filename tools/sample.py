@@ -12,8 +12,8 @@ from pathlib import Path
 from typing import Sequence
 
 from latentdit import sampling as S
-from latentdit.cli import (device_arg, existing_path, make_parser, non_negative_int, positive_int,
-                           run_main)
+from latentdit.cli import (device_arg, existing_path, make_parser, non_negative_int, output_file, output_folder,
+                           positive_int, run_main)
 
 
 def build_parser():
@@ -29,8 +29,9 @@ def build_parser():
     p.add_argument("--seed", type=non_negative_int, default=0)
     p.add_argument("--vae", default=None,
                    help="VAE: bundled name, local folder or hub id (default: the checkpoint's, else the bundled one)")
-    p.add_argument("--out", type=Path, default=Path("samples.png"), help="grid PNG to write")
-    p.add_argument("--save-individual", type=Path, default=None, metavar="DIR", help="also write one PNG per sample")
+    p.add_argument("--out", type=output_file, default=Path("samples.png"), help="grid PNG to write")
+    p.add_argument("--save-individual", type=output_folder, default=None, metavar="DIR",
+                   help="also write one PNG per sample")
     p.add_argument("--trajectory", type=Path, default=None, metavar="PNG",
                    help="also write the denoising trajectory of the grid's first sample of each label (up to 4 "
                         "labels): decoded x_t and predicted x0 at 8 points along the sampler's chain")

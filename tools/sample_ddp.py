@@ -22,7 +22,7 @@ import torch
 
 from latentdit import sample_store as store
 from latentdit import sampling as S
-from latentdit.cli import make_parser, non_negative_int, positive_int, run_main
+from latentdit.cli import make_parser, non_negative_int, output_folder, positive_int, run_main
 from latentdit.errors import LatentDiTError
 
 
@@ -35,7 +35,7 @@ def build_parser():
     S.add_sampler_arguments(p, cfg_scale=1.5)
     p.add_argument("--seed", type=non_negative_int, default=0)
     p.add_argument("--vae", default=None, help="VAE spec (default: the checkpoint's, else the bundled VAE)")
-    p.add_argument("--out-dir", required=True, type=Path, help="folder for .chunks/ and samples.npz")
+    p.add_argument("--out-dir", required=True, type=output_folder, help="folder for .chunks/ and samples.npz")
     p.add_argument("--chunk-size", type=positive_int, default=256, help="samples per chunk file")
     p.add_argument("--batch-size", type=positive_int, default=64, help="samples per forward batch")
     p.add_argument("--precision", choices=("auto", "fp32", "fp16", "bf16"), default="auto",
