@@ -102,10 +102,10 @@ def test_user_error_in_two_processes_is_shown_once(tmp_path):
     out = ours.stdout + ours.stderr
     assert ours.returncode == 2, out
     assert [line for line in out.splitlines() if line.strip()] == [f"{message} (run tools/extract.py first)"], out
-    # plain accelerate launch: rank 0 alone prints the line; accelerate adds its own report (status 1)
+    # plain accelerate launch: rank 0 alone prints the line; accelerate adds its own report (status 1 today)
     plain = _launch(["-m", "accelerate.commands.launch"], ["--config", str(cfg)])
     lines = (plain.stdout + plain.stderr).splitlines()
-    assert plain.returncode == 1
+    assert plain.returncode != 0
     assert sum(line.startswith(message) for line in lines) == 1, lines
 
 
