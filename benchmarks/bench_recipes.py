@@ -1,0 +1,230 @@
+"""Quality per compute: DiT training recipes side by side at the same wall-clock budget.
+
+Every recipe trains the same model (DiT-T/2) from scratch on the same Fashion-MNIST latents (the demo's
+extraction) for the same number of minutes, then draws the same balanced labels and seeds with its
+own sampler and with a fast one (≤ 20 steps), and is scored by FID and KID against the same held-out
+test images. Two floors are measured with the same protocol in the same run: real held-out training
+images (what a perfect generator scores) and the VAE's reconstructions of those images (what a perfect
+DiT can score with this VAE), so each row says how much of its distance is the DiT's.
+
+    python benchmarks/bench_recipes.py                              # all recipes, 5 min each
+    python benchmarks/bench_recipes.py --minutes 15 --recipes eps flow best
+    python benchmarks/bench_recipes.py --repeats 2                  # run the list twice, interleaved
+
+Runs go round-robin over the recipes (A B C A B C with --repeats 2), so a change in the machine's load
+falls on all of them; the table prints the spread of the repeats. Everything is resumable: rerunning
+the command skips finished training runs, sample files and cached features.
+"""
+
+from __future__ import annotations
+
+import platform
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from latentdit.cli import make_parser, non_negative_float, positive_int, run_main
+from latentdit.errors import LatentDiTError
+from latentdit.io import atomic_path, read_json, write_json
+from latentdit.pipeline import REPO_ROOT, Demo, DemoSettings, _accelerate_launch, _tool
+
+EPS = "configs/fashion_mnist_eps.yaml"
+FLOW = ("diffusion.process=flow", "model.learn_sigma=false")
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """One training recipe: a config plus overrides, and the samplers it is scored with
+    (``(sampler, steps)``; the first is the recipe's own, the rest are the ≤ 20-step ones)."""
+
+    name: str
+    config: str
+    overrides: tuple[str, ...]
+    samplers: tuple[tuple[str, int], ...]
+    what: str
+
+
+DDPM_SAMPLERS = (("ddim", 50), ("dpm-solver", 20))
+FLOW_SAMPLERS = (("euler", 50), ("heun", 10), ("euler", 20))
+
+RECIPES = (
+    Recipe("dit-official", "configs/fashion_mnist_dit_baseline.yaml", (), (("ddpm", 250), ("dpm-solver", 20)),
+           "the official DiT recipe verbatim (eps + learned sigma, lr 1e-4, batch 256, EMA 0.9999)"),
+    Recipe("eps", EPS, (), DDPM_SAMPLERS, "eps + learned sigma with the CPU-tuned optimiser and EMA warm-up"),
+    Recipe("flow", EPS, FLOW, FLOW_SAMPLERS, "rectified flow, v-prediction, uniform t"),
+    Recipe("flow-lognorm", EPS, FLOW + ("diffusion.time_sampling=logit_normal",), FLOW_SAMPLERS,
+           "flow + logit-normal(0, 1) t"),
+    Recipe("flow-x", EPS, FLOW + ("diffusion.prediction=x",), FLOW_SAMPLERS,
+           "flow + x-prediction with the velocity loss"),
+    Recipe("flow-shift", EPS, FLOW + ("diffusion.time_shift=2.0",), FLOW_SAMPLERS,
+           "flow + time shift 2 (more training time near noise)"),
+    Recipe("eps-rmsnorm", EPS, ("model.norm=rmsnorm",), DDPM_SAMPLERS, "eps + RMSNorm"),
+    Recipe("eps-swiglu", EPS, ("model.mlp=swiglu",), DDPM_SAMPLERS, "eps + SwiGLU MLP"),
+    Recipe("eps-rope", EPS, ("model.pos=rope2d",), DDPM_SAMPLERS, "eps + 2-D RoPE"),
+    Recipe("eps-qknorm", EPS, ("model.qk_norm=true",), DDPM_SAMPLERS, "eps + qk-norm"),
+    Recipe("best", "configs/fashion_mnist.yaml", (), FLOW_SAMPLERS, "the demo's recipe (configs/fashion_mnist.yaml)"),
+)
+RECIPE_NAMES = tuple(r.name for r in RECIPES)
+
+
+def _metrics_line(m: dict) -> str:
+    return f"{m['fid']:>8.1f} {m['kid_mean'] * 1000:>7.1f} ± {m['kid_std'] * 1000:<5.1f}"
+
+
+class Bench:
+    """The benchmark's folder and stages (all built on the demo's stages and tools)."""
+
+    def __init__(self, args) -> None:
+        self.args = args
+        self.out: Path = args.out
+        self.shared = dict(data_dir=self.out / "data", fid_samples=args.fid_samples,
+                           reference_samples=args.reference_samples, extract_limit=args.extract_limit,
+                           cfg_scales=(args.cfg_scale,), seed=args.seed)
+        self.data = Demo(DemoSettings(out=self.out / "data", **self.shared))
+
+    def prepare(self) -> None:
+        self.data.run(["extract", "reference"])
+
+    def _score(self, npz: Path, json_path: Path) -> dict:
+        if not json_path.exists():
+            self.data._run(f"fid {npz.parent.name}", [sys.executable, _tool("fid.py"), str(self.data.reference_npz),
+                                                      str(npz), "--no-pr", "--json", str(json_path)])
+        return read_json(json_path, "metrics file")
+
+    # -- floors ------------------------------------------------------------------------------------
+    def floors(self) -> dict[str, dict]:
+        """Real held-out training images (never extracted: taken from the end of the split) and the
+        VAE's reconstructions of the same images, scored like the samples."""
+        from latentdit.autoencoder import VAE
+        from latentdit.data.fashion_mnist import FashionMNIST
+
+        folder = self.out / "floors"
+        real, recon = folder / "real" / "samples.npz", folder / "reconstructions" / "samples.npz"
+        if not recon.exists():
+            dataset = FashionMNIST(split="train", image_size=DemoSettings.image_size)
+            n = self.args.fid_samples
+            first = len(dataset) - n
+            if self.args.extract_limit and first < self.args.extract_limit:
+                raise LatentDiTError(f"--fid-samples {n}: the held-out floor images would overlap the "
+                                     f"{self.args.extract_limit} extracted training images")
+            grey = np.stack([dataset.image_uint8(i) for i in range(first, len(dataset))])
+            images = np.repeat(grey[..., None], 3, axis=-1) if grey.ndim == 3 else grey
+            vae = VAE.load(read_json(self.data.latents_dir / "manifest.json", "manifest")["vae"]["spec"])
+            x = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1.0
+            rec = vae.reconstruct(x)
+            rec_u8 = ((rec + 1.0) * 127.5).round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).numpy()
+            for path, arr in ((real, images), (recon, rec_u8)):
+                path.parent.mkdir(parents=True, exist_ok=True)
+                with atomic_path(path) as tmp, open(tmp, "wb") as f:
+                    np.savez(f, arr_0=arr)
+        return {name: self._score(path, path.parent / "metrics.json")
+                for name, path in (("real images", real), ("VAE reconstructions", recon))}
+
+    # -- one recipe ---------------------------------------------------------------------------------
+    def run_dir(self, recipe: Recipe, repeat: int) -> Path:
+        return self.out / "runs" / f"{recipe.name}-r{repeat}"
+
+    def train(self, recipe: Recipe, repeat: int) -> dict:
+        run = self.run_dir(recipe, repeat)
+        done = run / "bench-train-finished"
+        if not done.exists():
+            cmd = _accelerate_launch() + [
+                _tool("train.py"), "--config", str(REPO_ROOT / recipe.config), "--resume", "auto",
+                f"data.latents={self.data.latents_dir}", f"train.run_dir={run}",
+                f"train.max_minutes={self.args.minutes:g}", "data.flip=false",
+                f"train.seed={self.args.seed + repeat}", "train.sample_every=0", *recipe.overrides]
+            self.data._run(f"train {recipe.name} (repeat {repeat})", cmd)
+            done.write_text("finished\n")
+        state = read_json(self.checkpoint(recipe, repeat).parent / "state.json", "checkpoint state")
+        steps = int(state["step"])
+        # the loop stops when the budget is spent, so images/s over the budget is the training throughput
+        return {"steps": steps, "img_per_sec": steps * int(state["global_batch_size"]) / (self.args.minutes * 60)}
+
+    def checkpoint(self, recipe: Recipe, repeat: int) -> Path:
+        ckpts = sorted((self.run_dir(recipe, repeat) / "checkpoints").glob("step-*"))
+        if not ckpts:
+            raise LatentDiTError(f"no checkpoint in {self.run_dir(recipe, repeat)}")
+        return ckpts[-1] / "ema.safetensors"
+
+    def sample_and_score(self, recipe: Recipe, repeat: int, sampler: str, steps: int) -> dict:
+        folder = self.run_dir(recipe, repeat) / "eval" / f"{sampler}-{steps}"
+        npz = folder / "samples.npz"
+        if not npz.exists():
+            self.data._run(f"samples {recipe.name} {sampler}-{steps}", [
+                sys.executable, _tool("sample_ddp.py"), "--ckpt", str(self.checkpoint(recipe, repeat)),
+                "--num-samples", str(self.args.fid_samples), "--cfg-scale", f"{self.args.cfg_scale:g}",
+                "--sampler", sampler, "--num-steps", str(steps), "--seed", str(self.args.seed),
+                "--out-dir", str(folder)])
+        return self._score(npz, folder / "metrics.json")
+
+
+def main(argv=None) -> int:
+    p = make_parser(__doc__.split("\n\n")[0])
+    p.add_argument("--out", type=Path, default=Path("bench_recipes"))
+    p.add_argument("--minutes", type=non_negative_float, default=5.0, help="training budget of every recipe")
+    p.add_argument("--recipes", nargs="+", choices=RECIPE_NAMES, default=list(RECIPE_NAMES), metavar="NAME",
+                   help=f"which recipes: {', '.join(RECIPE_NAMES)}")
+    p.add_argument("--repeats", type=positive_int, default=1, help="train each recipe this many times, interleaved")
+    p.add_argument("--fid-samples", type=positive_int, default=1000, help="samples per evaluation (balanced labels)")
+    p.add_argument("--reference-samples", type=positive_int, default=DemoSettings.reference_samples,
+                   help="held-out test images (the reference set)")
+    p.add_argument("--extract-limit", type=positive_int, default=DemoSettings.extract_limit)
+    p.add_argument("--cfg-scale", type=non_negative_float, default=1.5)
+    p.add_argument("--fast-only", action="store_true", help="score only the ≤ 20-step samplers (saves Inception time)")
+    p.add_argument("--seed", type=int, default=0)
+    args = p.parse_args(argv)
+    if args.minutes <= 0:
+        raise LatentDiTError("--minutes must be > 0: the recipes are compared at a fixed training budget")
+
+    bench = Bench(args)
+    recipes = [r for r in RECIPES if r.name in args.recipes]
+    started = time.time()
+    bench.prepare()
+    floors = bench.floors()
+    results: dict[tuple[str, int], dict] = {}
+    for repeat in range(args.repeats):
+        for recipe in recipes:
+            train = bench.train(recipe, repeat)
+            samplers = recipe.samplers[1:] if args.fast_only else recipe.samplers
+            scores = {f"{s}-{n}": bench.sample_and_score(recipe, repeat, s, n) for s, n in samplers}
+            results[(recipe.name, repeat)] = {"train": train, "scores": scores}
+
+    recon_kid = floors["VAE reconstructions"]["kid_mean"]
+    header = (f"\nrecipes at {args.minutes:g} min of training each (DiT-T/2, Fashion-MNIST 64², "
+              f"{args.extract_limit} training latents); {args.fid_samples} samples per row (balanced labels, "
+              f"cfg {args.cfg_scale:g}) vs {args.reference_samples} held-out test images; "
+              f"machine: {platform.machine()}, {torch.get_num_threads()} threads")
+    print(header)
+    print(f"{'row':<28} {'sampler':<14} {'steps':>6} {'img/s':>7} {'FID':>8} {'KID x1000':>15} {'excess':>7}")
+    for name, m in floors.items():
+        print(f"{'floor: ' + name:<28} {'-':<14} {'-':>6} {'-':>7} {_metrics_line(m)} {'':>7}")
+    table = []
+    for (name, repeat), r in results.items():
+        for sampler, m in r["scores"].items():
+            excess = (m["kid_mean"] - recon_kid) * 1000
+            label = name if args.repeats == 1 else f"{name} #{repeat}"
+            print(f"{label:<28} {sampler:<14} {r['train']['steps']:>6d} {r['train']['img_per_sec']:>7.0f} "
+                  f"{_metrics_line(m)} {excess:>7.1f}")
+            table.append({"recipe": name, "repeat": repeat, "sampler": sampler, **r["train"],
+                          "fid": m["fid"], "kid_mean": m["kid_mean"], "kid_std": m["kid_std"], "excess_kid": excess})
+    if args.repeats > 1:
+        print("\nspread over repeats (KID x1000 min–max per recipe and sampler):")
+        for recipe in recipes:
+            for s, n in recipe.samplers:
+                kids = [row["kid_mean"] * 1000 for row in table
+                        if row["recipe"] == recipe.name and row["sampler"] == f"{s}-{n}"]
+                if kids:
+                    print(f"  {recipe.name:<26} {s}-{n:<10} {min(kids):.1f}–{max(kids):.1f}")
+    print("excess = KID x1000 above the VAE-reconstruction floor (the DiT's share of the distance)")
+    print(f"total wall time {(time.time() - started) / 60:.1f} min")
+    write_json(args.out / "results.json", {"floors": floors, "rows": table, "settings": {
+        k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}})
+    return 0
+
+
+if __name__ == "__main__":
+    run_main(main)
