@@ -28,6 +28,7 @@ import subprocess
 import sys
 import threading
 import time
+from datetime import timedelta
 from typing import Sequence
 
 #: Environment variables that only a launcher sets in its workers (torchrun / accelerate's launchers).
@@ -38,6 +39,10 @@ ERROR_FILE_ENV = "TORCHELASTIC_ERROR_FILE"
 LAUNCH_PRINTS_ENV = "LATENTDIT_LAUNCH_PRINTS_ERRORS"
 #: Seconds between two checks of the parent process.
 WATCH_INTERVAL_S = 1.0
+#: How long a collective call waits for the other processes where ranks legitimately finish their share at
+#: different times (the last barrier of an extraction or a many-sample run: one shard or chunk of imbalance
+#: can take hours on a CPU). A peer that dies is noticed at once (gloo) or by the launcher, not by this.
+WAIT_FOR_PEERS_TIMEOUT = timedelta(hours=12)
 #: Exit status of a worker that stops because its launcher is gone (not a user error).
 EXIT_LAUNCHER_GONE = 1
 EXIT_USER_ERROR = 2

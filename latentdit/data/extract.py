@@ -14,7 +14,6 @@ from __future__ import annotations
 import dataclasses
 import os
 import time
-from datetime import timedelta
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
@@ -34,6 +33,7 @@ from latentdit.data.latents import (
     shard_name,
     shard_range,
 )
+from latentdit.distributed import WAIT_FOR_PEERS_TIMEOUT
 from latentdit.errors import LatentDiTError
 from latentdit.io import check_output_folder, save_safetensors, write_json
 
@@ -254,7 +254,7 @@ def _dist_state(use_accelerate: bool, device: str | torch.device | None):
         from accelerate import PartialState
 
         cpu = not torch.cuda.is_available() or (device is not None and torch.device(device).type == "cpu")
-        state = PartialState(cpu=cpu, timeout=timedelta(hours=12))
+        state = PartialState(cpu=cpu, timeout=WAIT_FOR_PEERS_TIMEOUT)
         rank, world = state.process_index, state.num_processes
     else:
         rank, world = 0, 1
