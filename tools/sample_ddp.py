@@ -14,7 +14,6 @@ OUT_DIR/samples.npz.
 from __future__ import annotations
 
 import time
-from datetime import timedelta
 from pathlib import Path
 from typing import Sequence
 
@@ -23,6 +22,7 @@ import torch
 from latentdit import sample_store as store
 from latentdit import sampling as S
 from latentdit.cli import make_parser, non_negative_int, output_folder, positive_int, run_main
+from latentdit.distributed import WAIT_FOR_PEERS_TIMEOUT
 from latentdit.errors import LatentDiTError
 
 
@@ -49,7 +49,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     # without a GPU, accelerate joins the launched processes in a gloo group only when asked for CPU;
     # a long timeout lets ranks that finish early wait at the final barrier
-    state = PartialState(cpu=not torch.cuda.is_available(), timeout=timedelta(hours=12))
+    state = PartialState(cpu=not torch.cuda.is_available(), timeout=WAIT_FOR_PEERS_TIMEOUT)
     device = state.device
     dtype = S.resolve_dtype(args.precision, device)
 
