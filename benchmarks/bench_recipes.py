@@ -49,7 +49,7 @@ class Recipe:
 
 
 DDPM_SAMPLERS = (("ddim", 50), ("dpm-solver", 20))
-FLOW_SAMPLERS = (("euler", 50), ("heun", 10), ("euler", 20))
+FLOW_SAMPLERS = (("euler", 50), ("heun", 10))
 
 RECIPES = (
     Recipe("dit-official", "configs/fashion_mnist_dit_baseline.yaml", (), (("ddpm", 250), ("dpm-solver", 20)),

@@ -126,11 +126,12 @@ def test_settings_are_checked_before_the_first_stage(tmp_path, monkeypatch, caps
     line = _demo_user_error(["--out", str(tmp_path / "out"), "model.name=DiT-T/4", "--seed", "1",
                              "train.lr=abc"], capsys)
     assert "train.lr" in line and "expected float" in line
-    line = _demo_user_error(["--out", str(tmp_path / "out"), "--num-steps", "5000"], capsys)
+    line = _demo_user_error(["--out", str(tmp_path / "out"), "diffusion.process=ddpm", "model.learn_sigma=true",
+                             "--sampler", "ddim", "--num-steps", "5000"], capsys)
     assert "--num-steps" in line and "between 1 and 1000" in line
-    line = _demo_user_error(["--out", str(tmp_path / "out"), "diffusion.process=flow", "model.learn_sigma=false"],
+    line = _demo_user_error(["--out", str(tmp_path / "out"), "diffusion.process=ddpm", "model.learn_sigma=true"],
                             capsys)
-    assert "sampler 'ddim' (--sampler) samples ddpm models" in line
+    assert "sampler 'heun' (--sampler) samples flow models" in line
     line = _demo_user_error(["--out", str(tmp_path / "out"), "--only", "train"], capsys)
     assert "nothing to train on" in line and "'extract' stage" in line
     line = _demo_user_error(["--out", str(tmp_path / "out"), "--only", "fid", "report"], capsys)
