@@ -24,6 +24,7 @@ from latentdit.cli import run_main
 from latentdit.data.latents import MANIFEST_NAME
 from latentdit.errors import LatentDiTError
 from latentdit.io import atomic_write, read_json, save_safetensors, torch_save, writable_target, write_json
+from test_extract import make_vae_dir
 from test_training import PoolVAE, extract, make_cfg, subprocess_env, write_image_folder, write_yaml_cfg
 
 REPO = Path(__file__).resolve().parents[1]
@@ -130,8 +131,9 @@ def test_damaged_manifest_is_one_line(latents, tmp_path, capsys, edit, expected)
 def test_extracting_into_a_folder_with_a_damaged_manifest_is_one_line(latents, tmp_path, capsys):
     damaged = _damaged_copy(latents, tmp_path, lambda m: json.dumps(["not", "a", "manifest"]).encode())
     images = write_image_folder(tmp_path / "images", n_per_class=1)
+    vae = make_vae_dir(tmp_path / "vae")
     line = user_error("extract", ["--data", str(images), "--out", str(damaged), "--image-size", "16",
-                                  "--num-workers", "0", "--no-progress"], capsys)
+                                  "--vae", str(vae), "--num-workers", "0", "--no-progress"], capsys)
     assert "not a latentdit latent manifest" in line
 
 
