@@ -7,6 +7,7 @@
 #   bash benchmarks/gpu_check.sh                  # one H100/H200: at most --budget seconds (default 470)
 #   bash benchmarks/gpu_check.sh --tiny           # tiny models and sizes, on any device (a CPU too)
 #   bash benchmarks/gpu_check.sh --wheels DIR     # first: pip install --no-index --find-links DIR diffusers
+#                                                 # (DIR: diffusers' wheel and those of its needs missing there)
 #
 # Options: --out DIR keeps every row's log and JSON there (default: a temporary folder, removed);
 # --budget SECONDS caps the whole run (a row that would start after it is reported as skipped).
