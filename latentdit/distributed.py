@@ -73,9 +73,10 @@ def one_line(text: str) -> str:
 
 
 def report_user_error(message: str) -> None:
-    """Print ``prog: error: message`` on rank 0 (other ranks stay silent), and leave it in this worker's
-    launcher error file where one is set, so the launcher can show it whichever rank failed. Under
-    :func:`launch_main` with an error file, only the launcher prints (once, whichever ranks failed)."""
+    """Print ``prog: error: message`` and leave it in this worker's launcher error file where one is set, so
+    the launcher can show it whichever rank failed. With an error file, only rank 0 prints (under
+    :func:`launch_main`, none: the launcher prints once); without one (another launcher) every rank
+    prints, as a message shown twice beats a rank that fails silently."""
     line = f"{program_name()}: error: {one_line(message)}"
     path = os.environ.get(ERROR_FILE_ENV)
     written = False
@@ -86,7 +87,7 @@ def report_user_error(message: str) -> None:
             written = True
         except OSError:
             pass
-    if rank() == 0 and not (written and os.environ.get(LAUNCH_PRINTS_ENV)):
+    if not written or (rank() == 0 and not os.environ.get(LAUNCH_PRINTS_ENV)):
         print(line, file=sys.stderr, flush=True)
 
 

@@ -319,6 +319,9 @@ def test_messages_are_one_line_and_only_rank_zero_prints(monkeypatch, capsys, tm
     assert _exit_code(user_mistake) == 2
     assert capsys.readouterr().err == ""  # rank 1 is silent; its launcher reads the error file
     assert json.loads(error_file.read_text())["message"] == f"{prog}: error: first line second line"
+    monkeypatch.delenv("TORCHELASTIC_ERROR_FILE")  # a launcher without error files: no rank stays silent
+    assert _exit_code(user_mistake) == 2
+    assert capsys.readouterr().err == f"{prog}: error: first line second line\n"
 
 
 def test_fixable_file_system_errors_are_user_errors_and_others_are_not(capsys):
