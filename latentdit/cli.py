@@ -111,7 +111,8 @@ def existing_file(text: str) -> Path:
     """argparse type: an existing regular file."""
     path = existing_path(text)
     if not path.is_file():
-        raise argparse.ArgumentTypeError(f"expected a file, but {text} is a folder")
+        what = "a folder" if path.is_dir() else "not a regular file"
+        raise argparse.ArgumentTypeError(f"expected a file, but {text} is {what}")
     return path
 
 
