@@ -4,7 +4,8 @@ Tools stay thin: parse arguments, call the library, report. ``run_main(main)`` t
 :class:`LatentDiTError` into a one-line message on stderr and exit status 2 (the same status
 argparse uses for a bad flag), so a user never sees a bare traceback for a mistake they can fix.
 File-system refusals (full disk, read-only file system, a folder where a file belongs...) are
-reported the same way. Under a launcher only rank 0 prints (see :mod:`latentdit.distributed`).
+reported the same way. Under a launcher only rank 0 prints, and a worker whose launcher dies
+stops (see :mod:`latentdit.distributed`).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from typing import Callable, Sequence
 
 from latentdit.distributed import EXIT_USER_ERROR, one_line, rank, report_user_error, watch_launcher
 from latentdit.errors import LatentDiTError, ReportedError, describe_os_error
+
 
 def run_main(main: Callable[[Sequence[str] | None], int | None], argv: Sequence[str] | None = None) -> None:
     """Call ``main(argv)`` and exit: 0 on success, 2 on a user error, 130 on Ctrl-C.
@@ -53,9 +55,10 @@ class _Parser(argparse.ArgumentParser):
 
 
 def make_parser(description: str, **kwargs) -> argparse.ArgumentParser:
-    """An ``ArgumentParser`` that never guesses abbreviated flags (a typo is an error, not a match)."""
+    """An ``ArgumentParser`` that never guesses abbreviated flags (a typo is an error, not a match) and
+    reports a bad flag in one line."""
     return _Parser(description=description, allow_abbrev=False,
-                                   formatter_class=argparse.ArgumentDefaultsHelpFormatter, **kwargs)
+                   formatter_class=argparse.ArgumentDefaultsHelpFormatter, **kwargs)
 
 
 def positive_int(text: str) -> int:
