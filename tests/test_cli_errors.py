@@ -12,6 +12,7 @@ import errno
 import importlib.util
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -86,7 +87,6 @@ def test_bad_config_files_are_one_line(tmp_path, capsys, content, expected):
     cfg.write_bytes(content)
     line = user_error("train", ["--config", str(cfg)], capsys)
     assert str(cfg) in line
-    import re
     assert re.search(expected, line), line
 
 
