@@ -210,8 +210,8 @@ def test_full_disk_is_a_user_error_and_keeps_the_old_file(tmp_path):
                 f"out{k}" for k in range(i + 1)]
 
 
-def test_full_disk_fault_injection(tmp_path, monkeypatch):
-    """Without a small file system: the errors a full disk raises, injected into the writers."""
+def test_write_failures_by_fault_injection(tmp_path, monkeypatch):
+    """Without mounting anything: the errors a full disk or a read-only file system raise, injected."""
     def no_space(*args, **kwargs):
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
@@ -226,6 +226,14 @@ def test_full_disk_fault_injection(tmp_path, monkeypatch):
     with pytest.raises(LatentDiTError, match="could not write .*b.pt: the write stopped part-way .*disk is probably"):
         torch_save({}, tmp_path / "b.pt")
     assert list(tmp_path.iterdir()) == []
+
+    def read_only(*args, **kwargs):
+        raise OSError(errno.EROFS, os.strerror(errno.EROFS), str(tmp_path))
+
+    import tempfile
+    monkeypatch.setattr(tempfile, "mkstemp", read_only)
+    with pytest.raises(LatentDiTError, match="could not write .*c.json: Read-only file system"):
+        write_json(tmp_path / "c.json", {})
 
 
 def test_train_onto_read_only_or_full_file_systems(latents, tmp_path, capsys):
