@@ -150,8 +150,17 @@ class Bench:
             raise LatentDiTError(f"no checkpoint in {self.run_dir(recipe, repeat)}")
         return ckpts[-1] / "ema.safetensors"
 
+    def eval_dir(self, recipe: Recipe, repeat: int, sampler: str, steps: int) -> Path:
+        return self.run_dir(recipe, repeat) / "eval" / f"{sampler}-{steps}"
+
+    def finished(self, recipe: Recipe, repeat: int) -> bool:
+        return (self.run_dir(recipe, repeat) / "bench-train-finished").exists()
+
+    def scored(self, recipe: Recipe, repeat: int, sampler: str, steps: int) -> bool:
+        return (self.eval_dir(recipe, repeat, sampler, steps) / "metrics.json").exists()
+
     def sample_and_score(self, recipe: Recipe, repeat: int, sampler: str, steps: int) -> dict:
-        folder = self.run_dir(recipe, repeat) / "eval" / f"{sampler}-{steps}"
+        folder = self.eval_dir(recipe, repeat, sampler, steps)
         npz = folder / "samples.npz"
         if not npz.exists():
             self.data._run(f"samples {recipe.name} {sampler}-{steps}", [
@@ -175,6 +184,8 @@ def main(argv=None) -> int:
     p.add_argument("--extract-limit", type=positive_int, default=DemoSettings.extract_limit)
     p.add_argument("--cfg-scale", type=non_negative_float, default=1.5)
     p.add_argument("--fast-only", action="store_true", help="score only the ≤ 20-step samplers (saves Inception time)")
+    p.add_argument("--table-only", action="store_true",
+                   help="run nothing new: print the table of what earlier runs in --out have finished")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
     if args.minutes <= 0:
@@ -188,9 +199,12 @@ def main(argv=None) -> int:
     results: dict[tuple[str, int], dict] = {}
     for repeat in range(args.repeats):
         for recipe in recipes:
+            if args.table_only and not bench.finished(recipe, repeat):
+                continue
             train = bench.train(recipe, repeat)
             samplers = recipe.samplers[1:] if args.fast_only else recipe.samplers
-            scores = {f"{s}-{n}": bench.sample_and_score(recipe, repeat, s, n) for s, n in samplers}
+            scores = {f"{s}-{n}": bench.sample_and_score(recipe, repeat, s, n) for s, n in samplers
+                      if not args.table_only or bench.scored(recipe, repeat, s, n)}
             results[(recipe.name, repeat)] = {"train": train, "scores": scores}
 
     recon_kid = floors["VAE reconstructions"]["kid_mean"]
