@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import re
 import sys
 from pathlib import Path
 from typing import Callable, Sequence
@@ -58,6 +59,21 @@ def make_parser(description: str, **kwargs) -> argparse.ArgumentParser:
     reports a bad flag in one line."""
     return _Parser(description=description, allow_abbrev=False,
                    formatter_class=argparse.ArgumentDefaultsHelpFormatter, **kwargs)
+
+
+#: A ``section.field=value`` config override (or ``name=value``), as the tools that take overrides accept them.
+_OVERRIDE = re.compile(r"^(name|[A-Za-z_]\w*\.[A-Za-z_]\w*)=")
+
+
+def parse_with_overrides(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> argparse.Namespace:
+    """``parser.parse_args`` for a tool whose positional arguments are ``section.field=value`` overrides: they
+    may stand anywhere, also right after an option that takes several values (``--only train model.name=X``).
+    The overrides are handed to the parser after ``--``, in their order (a misspelt section is then
+    reported by the config, not as an unrecognized argument)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    overrides = [a for a in argv if _OVERRIDE.match(a)]
+    rest = [a for a in argv if not _OVERRIDE.match(a)]
+    return parser.parse_args(rest + ["--", *overrides] if overrides else rest)
 
 
 def positive_int(text: str) -> int:

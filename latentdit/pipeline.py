@@ -297,17 +297,16 @@ class Demo:
         if unknown:
             raise LatentDiTError(f"unknown demo stage(s) {unknown}; valid stages: {', '.join(STAGES)}")
         check_output_folder(self.out, "--out")
-        if {"train", "grid", "samples"} & set(stages):  # the training overrides, as the training tool checks them
-            cfg = load_config(DEMO_CONFIG, self.train_overrides())
-            if {"grid", "samples"} & set(stages):  # the sampler settings, against the process trained with
-                from latentdit.diffusion import build_process
-                from latentdit.sampling import SamplerSettings
+        cfg = load_config(DEMO_CONFIG, self.train_overrides())  # every override, as the training tool checks it
+        if {"grid", "samples"} & set(stages):  # the sampler settings, against the process trained with
+            from latentdit.diffusion import build_process
+            from latentdit.sampling import SamplerSettings
 
-                process = build_process(cfg.diffusion)
-                for scale in (self.s.grid_cfg_scale, *self.s.cfg_scales):
-                    # the demo guides every latent channel, so their number plays no part here
-                    SamplerSettings(sampler=self.s.sampler, num_steps=self.s.num_steps,
-                                    cfg_scale=scale).resolved(process, in_channels=cfg.model.in_channels or 1)
+            process = build_process(cfg.diffusion)
+            for scale in (self.s.grid_cfg_scale, *self.s.cfg_scales):
+                # the demo guides every latent channel, so their number plays no part here
+                SamplerSettings(sampler=self.s.sampler, num_steps=self.s.num_steps,
+                                cfg_scale=scale).resolved(process, in_channels=cfg.model.in_channels or 1)
         if "extract" not in stages and "train" in stages and not self.train_done_marker.exists() \
                 and not (self.latents_dir / "manifest.json").is_file():
             raise LatentDiTError(f"nothing to train on: no latents in {self.latents_dir}; run the 'extract' "

@@ -99,6 +99,8 @@ def test_overrides_before_and_after_options(latents, tmp_path, capsys):
     assert f"latent directory not found: {missing}" in line
     line = user_error("train", ["train.lr=-1", "--config", str(cfg), "--resume", "auto", "train.max_steps=2"], capsys)
     assert "train.lr" in line
+    line = user_error("train", ["--config", str(cfg), "trian.lr=1", "--resume", "auto"], capsys)
+    assert "unknown section 'trian'" in line
 
 
 # ----------------------------------------------------------------------------------------------

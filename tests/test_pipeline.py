@@ -134,6 +134,10 @@ def test_settings_are_checked_before_the_first_stage(tmp_path, monkeypatch, caps
     assert "sampler 'heun' (--sampler) samples flow models" in line
     line = _demo_user_error(["--out", str(tmp_path / "out"), "--only", "train"], capsys)
     assert "nothing to train on" in line and "'extract' stage" in line
+    line = _demo_user_error(["--out", str(tmp_path / "out"), "--only", "train", "train.lr=abc"], capsys)
+    assert "train.lr" in line and "expected float" in line  # an override right after --only's stages
+    line = _demo_user_error(["--out", str(tmp_path / "out"), "--only", "report", "trian.lr=1"], capsys)
+    assert "unknown section 'trian'" in line  # checked even when no chosen stage trains
     line = _demo_user_error(["--out", str(tmp_path / "out"), "--only", "fid", "report"], capsys)
     assert "nothing to evaluate" in line and "test.npz" in line
     line = _demo_user_error(["--out", str(tmp_path / "out"), "--only", "samples"], capsys)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from latentdit.cli import make_parser, non_negative_float, positive_int, run_main
+from latentdit.cli import make_parser, non_negative_float, parse_with_overrides, positive_int, run_main
 from latentdit.pipeline import STAGES, Demo, DemoSettings
 from latentdit.sampling import SAMPLERS
 
@@ -35,7 +35,7 @@ def main(argv=None) -> int:
     p.add_argument("--seed", type=int, default=DemoSettings.seed)
     p.add_argument("train_overrides", nargs="*", metavar="section.field=value",
                    help="extra overrides for configs/fashion_mnist.yaml, e.g. model.name=DiT-T/4")
-    args = p.parse_intermixed_args(argv)  # overrides may come before and after the options
+    args = parse_with_overrides(p, argv)  # overrides may stand before or after options
     settings = DemoSettings(out=args.out, extract_limit=args.extract_limit, train_minutes=args.train_minutes,
                             train_overrides=list(args.train_overrides), cfg_scales=tuple(args.cfg_scales),
                             grid_cfg_scale=args.grid_cfg_scale, fid_samples=args.fid_samples,

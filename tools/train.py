@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from typing import Sequence
 
-from latentdit.cli import existing_file, make_parser, run_main
+from latentdit.cli import existing_file, make_parser, parse_with_overrides, run_main
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -26,7 +26,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="continue the latest checkpoint of the run dir ('auto') or a given checkpoint")
     parser.add_argument("overrides", nargs="*", metavar="section.field=value",
                         help="config overrides, e.g. train.lr=2e-4 model.name=DiT-B/2")
-    args = parser.parse_intermixed_args(argv)  # overrides may come before and after the options
+    args = parse_with_overrides(parser, argv)  # overrides may stand before or after options
 
     from latentdit.config import load_config
     from latentdit.training import train
