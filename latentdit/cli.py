@@ -72,8 +72,10 @@ def parse_with_overrides(parser: argparse.ArgumentParser, argv: Sequence[str] | 
     reported by the config, not as an unrecognized argument)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     overrides = [a for a in argv if _OVERRIDE.match(a)]
-    rest = [a for a in argv if not _OVERRIDE.match(a)]
-    return parser.parse_args(rest + ["--", *overrides] if overrides else rest)
+    if not overrides:
+        return parser.parse_args(argv)
+    rest = [a for a in argv if not _OVERRIDE.match(a) and a != "--"]
+    return parser.parse_args(rest + ["--", *overrides])
 
 
 def positive_int(text: str) -> int:
