@@ -2,7 +2,8 @@
 optionally FID/KID against a separate reference set (the demo protocol), with the figures of the
 original images beside them. Uses latentdit.metrics (the TF-Inception FID network); ≈ 5–10 img/s on CPU.
 
-    # the Fashion-MNIST VAE, demo protocol: 300 held-out test images (500..799) vs the demo's test 0..499
+    # the Fashion-MNIST VAE, demo protocol: reconstructions of 300 held-out test images (500..799, never
+    # trained on) vs the demo's reference, test images 0..499
     python benchmarks/bench_vae.py --vae latentdit/kl-f8-fashion-mnist --data fashion-mnist --split test \\
         --start 500 --count 300 --reference-start 0 --reference-count 500
     # the clip-art VAE: its own held-out images (listed in its model card), and a collection it never saw
@@ -79,6 +80,7 @@ def main(argv=None) -> int:
     p.add_argument("--reference-start", type=non_negative_int, default=None,
                    help="also compare with reference images [start, start+count) of the same data and split")
     p.add_argument("--reference-count", type=positive_int, default=500)
+    p.add_argument("--reference-split", default=None, help="split of the reference images (default: --split)")
     p.add_argument("--batch-size", type=positive_int, default=50, help="images per Inception forward")
     p.add_argument("--update-card", action="store_true", help="write the figures into the (first) VAE's model card")
     p.add_argument("--note", default="", help="text added to the model card entry (e.g. the load it was measured under)")
@@ -100,7 +102,7 @@ def main(argv=None) -> int:
     n = originals.shape[0]
     reference = None
     if args.reference_start is not None:
-        reference, ref_what = load_images(args.data, args.split, size, start=args.reference_start,
+        reference, ref_what = load_images(args.data, args.reference_split or args.split, size, start=args.reference_start,
                                           count=args.reference_count)
         reference = _to_uint8_hwc(reference)
     print(f"{what}, {size}x{size}; metrics: PSNR, FID/KID x1000/precision/recall (latentdit.metrics)")
