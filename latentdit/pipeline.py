@@ -56,7 +56,7 @@ class DemoSettings:
     cfg_scales: tuple[float, ...] = (1.0, 1.5, 3.0)
     grid_cfg_scale: float = 3.0
     samples_per_class: int = 8              # grid columns
-    fid_samples: int = 300                  # generated images per guidance scale
+    fid_samples: int = 500                  # generated images per guidance scale
     reference_samples: int = 500            # held-out test images
     sampler: str = "heun"                   # the flow recipe's fast sampler: 10 Heun steps = 19 model evaluations
     num_steps: int = 10
