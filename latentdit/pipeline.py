@@ -218,7 +218,8 @@ class Demo:
                "--samples-per-label", str(self.s.samples_per_class),
                "--cfg-scale", f"{self.s.grid_cfg_scale:g}", "--sampler", self.s.sampler,
                "--num-steps", str(self.s.num_steps), "--seed", str(self.s.seed),
-               "--out", str(self.report_dir / "samples.png")]
+               "--out", str(self.report_dir / "samples.png"),
+               "--trajectory", str(self.report_dir / "trajectory.png")]
         self._run("grid", cmd)
 
     def stage_samples(self) -> None:
@@ -344,13 +345,23 @@ def _report_markdown(demo: Demo, table: dict, summary: dict, steps: list, losses
     s = demo.s
     lines = ["# latentdit demo report", "",
              f"Fashion-MNIST at {s.image_size}×{s.image_size} through the bundled KL-f8 VAE; a class-conditional "
-             f"DiT trained for {s.train_minutes:g} min on CPU; {s.sampler.upper()}-{s.num_steps} samples; FID/KID of "
-             f"{s.fid_samples} guided samples per scale against {s.reference_samples} held-out test images.", "",
-             "## Samples (one row per class)", "", "![samples](samples.png)", ""]
+             f"DiT trained for {s.train_minutes:g} min on CPU; {s.sampler}-{s.num_steps} samples; FID/KID of "
+             f"{s.fid_samples} guided samples per scale (balanced labels) against {s.reference_samples} held-out "
+             "test images.", "",
+             f"## Samples (one row per class, cfg {s.grid_cfg_scale:g}, {s.sampler}-{s.num_steps})", "",
+             "![samples](samples.png)", ""]
+    if (demo.report_dir / "trajectory.png").exists():
+        lines += ["## Denoising trajectory", "",
+                  "For the first sample of a few classes: the current state x_t (decoded) and the model's estimate of "
+                  "the clean image at that point of the chain, from pure noise (left) to the sample (right).", "",
+                  "![trajectory](trajectory.png)", ""]
     if steps:
         lines += ["## Training loss", "", "![loss](loss.png)", "",
                   f"{len(steps)} logged points, last step {steps[-1]}, last loss {losses[-1]:.4f}.", ""]
     lines += ["## FID / KID by guidance scale", "",
+              f"Protocol: {s.fid_samples} samples per scale with balanced labels, {s.sampler}-{s.num_steps}, seed "
+              f"{s.seed}; reference: the first {s.reference_samples} Fashion-MNIST test images (never trained on); "
+              "TF-Inception pool3 features.", "",
               "| cfg scale | FID | KID ×1000 (± std) | precision | recall |", "|---|---|---|---|---|"]
     for scale, m in table.items():
         kid = m.get("kid_mean")

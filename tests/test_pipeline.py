@@ -163,3 +163,19 @@ def test_a_stage_that_reports_a_user_error_is_not_reported_twice(tmp_path, capsy
     with pytest.raises(SystemExit) as e:
         run_main(main, [])
     assert e.value.code == 2 and capsys.readouterr().err == ""
+
+
+def test_grid_stage_also_draws_the_denoising_trajectory_and_the_report_shows_it(tmp_path, monkeypatch):
+    demo = Demo(DemoSettings(out=tmp_path), log=lambda s: None)
+    (demo.run_dir / "checkpoints" / "step-0000001").mkdir(parents=True)
+    seen = []
+    monkeypatch.setattr(demo, "_run", lambda name, cmd: seen.append(cmd))
+    demo.stage_grid()
+    (cmd,) = seen
+    assert cmd[cmd.index("--trajectory") + 1] == str(demo.report_dir / "trajectory.png")
+    assert cmd[cmd.index("--sampler") + 1] == DemoSettings.sampler
+    text = demo.stage_report().read_text()
+    assert "trajectory.png" not in text  # not drawn yet: no broken image link
+    Image.new("RGB", (8, 8)).save(demo.report_dir / "trajectory.png")
+    text = demo.stage_report().read_text()
+    assert "![trajectory](trajectory.png)" in text and "balanced labels" in text
