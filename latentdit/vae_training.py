@@ -138,7 +138,7 @@ def load_splits(cfg: VAEConfig, cache_dir: Path | None = None) -> ImageSplits:
         val_ds = build_image_dataset(d.source, val_split, d.image_size)
         val_names = _item_names(val_ds, val_split)
         train_idx, val_idx = list(range(len(train_ds))), list(range(len(val_ds)))
-        how = f"the {val_split}/ split folder"
+        how = "the t10k test split" if is_fashion_mnist(d.source) else f"the {val_split}/ split folder"
     else:
         val_ds = train_ds
         order = torch.randperm(len(train_ds), generator=torch.Generator().manual_seed(
@@ -480,10 +480,14 @@ def render_model_card(facts: dict[str, Any]) -> str:
     ]
     if facts.get("intended_use"):
         lines += ["## Intended use", facts["intended_use"], ""]
+    from latentdit.data import is_fashion_mnist
+
+    reading = ("28×28 grey repeated to RGB, PIL bicubic resize" if is_fashion_mnist(facts["data_source"]) else
+               "RGB, alpha composited on white, short side resized, centre crop")
     lines += [
         "## Data",
         f"- `{facts['data_source']}`: {facts['train_images']} training images, read by latentdit's extraction "
-        f"loaders (RGB, alpha composited on white, short side resized to {size}, centre crop); random "
+        f"loaders ({reading} to {size}×{size}); random "
         f"{d['crop_size'] or size}-pixel crops and horizontal flips during training."
         + (f" {facts['unreadable']} unreadable file(s) skipped." if facts.get("unreadable") else ""),
         f"- Held out (never trained on): {facts['val_images']} images, {facts['holdout']}.",
@@ -524,6 +528,10 @@ def render_model_card(facts: dict[str, Any]) -> str:
         f"{facts['psnr_check_db']:.2f} dB on the first {facts['psnr_check_images']} of them (the figure the test "
         "suite re-checks).",
     ]
+    if "tests_sample_psnr_db" in facts:
+        lines.append(f"- {facts['tests_sample_psnr_db']:.2f} dB on the {facts['tests_sample_images']} held-out images "
+                     f"shipped in `{facts['tests_sample_path']}` (the figure the test suite re-checks without the "
+                     "collection installed).")
     for entry in facts.get("benchmarks", []):
         lines.append(f"- {entry['text']} (`{entry['command']}`)")
     lines += [

@@ -1,13 +1,9 @@
-"""VAE loading and encode/decode semantics, the bundled VAE, and tools/train_vae.py (tiny runs, resume)."""
+"""VAE loading and encode/decode semantics, latent normalisation, the bundled VAEs.
+(VAE training, tools/train_vae.py: tests/test_vae_training.py.)"""
 
 from __future__ import annotations
 
-import dataclasses
-import gzip
-import importlib.util
 import json
-import struct
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -18,7 +14,7 @@ from latentdit.autoencoder import (BUNDLED_CLIPART_VAE, BUNDLED_VAE, BUNDLED_VAE
                                    LATENT_NORMS, VAE, LatentNorm, bundled_vae_path, default_vae_for, psnr,
                                    reconstruction_psnr)
 from latentdit.errors import LatentDiTError
-from latentdit.io import load_safetensors, read_json, sha256_file
+from latentdit.io import read_json, sha256_file
 
 REPO = Path(__file__).resolve().parents[1]
 
