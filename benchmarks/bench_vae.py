@@ -86,7 +86,7 @@ def main(argv=None) -> int:
     p.add_argument("--note", default="", help="text added to the model card entry (e.g. the load it was measured under)")
     args = p.parse_args(argv)
 
-    from latentdit.metrics import compute_metrics
+    from latentdit.metrics import compute_metrics, load_source
 
     first = VAE.load(args.vae[0])
     card_path = (first.folder / BUNDLED_VAE_CARD_JSON) if first.folder is not None else None
@@ -104,12 +104,17 @@ def main(argv=None) -> int:
     if args.reference_start is not None:
         reference, ref_what = load_images(args.data, args.reference_split or args.split, size, start=args.reference_start,
                                           count=args.reference_count)
-        reference = _to_uint8_hwc(reference)
-    print(f"{what}, {size}x{size}; metrics: PSNR, FID/KID x1000/precision/recall (latentdit.metrics)")
+    print(f"{what}, {size}x{size}; metrics: PSNR, FID/KID x1000/precision/recall (latentdit.metrics)", flush=True)
+
+    def features(images: torch.Tensor):  # Inception features of each set once (the slow part)
+        return load_source(_to_uint8_hwc(images), batch_size=args.batch_size, progress=False)
+
     common = dict(batch_size=args.batch_size, progress=False, kid_subset_size=min(1000, n))
+    original_features = features(originals)
     rows = []
     if reference is not None:
-        m = compute_metrics(reference, _to_uint8_hwc(originals), **common)
+        reference = features(reference)
+        m = compute_metrics(reference, original_features, **common)
         rows.append(("original images", None, m, None))
     for spec in args.vae:
         vae = VAE.load(spec)
@@ -117,11 +122,12 @@ def main(argv=None) -> int:
         recon = vae.reconstruct(originals)
         seconds = time.perf_counter() - t0
         value = float(psnr(recon, originals).mean())
-        rfid = compute_metrics(_to_uint8_hwc(originals), _to_uint8_hwc(recon), **common)
-        demo = compute_metrics(reference, _to_uint8_hwc(recon), **common) if reference is not None else None
+        recon_features = features(recon)
+        rfid = compute_metrics(original_features, recon_features, **common)
+        demo = compute_metrics(reference, recon_features, **common) if reference is not None else None
         rows.append((spec, value, rfid, demo))
         print(f"{spec}: PSNR {value:.2f} dB; rFID {rfid['fid']:.1f}, rKID x1000 {1000 * rfid['kid_mean']:.1f} "
-              f"(recon vs the same {n} originals); encode+decode {n / seconds:.1f} img/s")
+              f"(recon vs the same {n} originals); encode+decode {n / seconds:.1f} img/s", flush=True)
         if demo is not None:
             print(f"    vs reference ({ref_what}): FID {demo['fid']:.1f} / KID x1000 {1000 * demo['kid_mean']:.1f} / "
                   f"precision {demo['precision']:.2f} / recall {demo['recall']:.2f}")
