@@ -36,7 +36,7 @@ from latentdit.diffusion import META_PROCESS, DDPMProcess, Process, build_proces
 from latentdit.diffusion.samplers import SAMPLERS as SAMPLER_SPECS
 from latentdit.diffusion.samplers import Callback, GeneratorNoise, NoiseSource, PerSampleNoise
 from latentdit.errors import LatentDiTError
-from latentdit.models.checkpoint import META_CLASS_NAMES, META_DIFFUSION, META_VAE
+from latentdit.models.checkpoint import META_CLASS_NAMES, META_DIFFUSION, META_LATENT_NORM, META_VAE
 from latentdit.models.checkpoint import METADATA_KEY as META_MODEL  # noqa: F401 (the key's name here)
 from latentdit.models.guidance import check_cfg_scale, check_guidance_possible
 
@@ -63,6 +63,7 @@ class SamplingCheckpoint:
     vae_spec: str | None             # VAE named in the checkpoint metadata, if any
     process: Process = field(default_factory=DDPMProcess)   # the training process (ddpm for released DiT)
     metadata: dict[str, str] = field(default_factory=dict)
+    latent_norm: Any = None          # LatentNorm of the training latents; None: the VAE's scaling_factor
 
     @property
     def num_classes(self) -> int:
@@ -188,10 +189,15 @@ def load_model_for_sampling(path: str | Path, model_name: str | None = None,
                                  f"process expects {expected}")
     except LatentDiTError as e:
         raise LatentDiTError(f"checkpoint {weights}: {e}") from None
+    latent_norm = _json_meta(metadata, META_LATENT_NORM, weights)
+    if latent_norm is not None:
+        from latentdit.autoencoder import LatentNorm
+
+        latent_norm = LatentNorm.from_dict(latent_norm, f"checkpoint {weights}: metadata {META_LATENT_NORM!r}")
     return SamplingCheckpoint(
         model=model, path=weights, model_name=name, class_names=class_names,
         vae_spec=str(vae) if vae else None, process=process,
-        metadata=metadata,
+        metadata=metadata, latent_norm=latent_norm,
     )
 
 
@@ -547,18 +553,20 @@ def images_to_uint8(images: torch.Tensor) -> np.ndarray:
 
 
 @torch.no_grad()
-def decode_images(vae, latents: torch.Tensor, batch_size: int = 32) -> torch.Tensor:
-    """Scaled latents → images in [-1, 1] (float32 NCHW, CPU) via ``vae.decode`` (which undoes the scaling)."""
+def decode_images(vae, latents: torch.Tensor, batch_size: int = 32, norm=None) -> torch.Tensor:
+    """Normalised latents → images in [-1, 1] (float32 NCHW, CPU) via ``vae.decode``, which undoes ``norm``
+    (a :class:`latentdit.autoencoder.LatentNorm`, e.g. a checkpoint's ``latent_norm``; None: the VAE's
+    scaling factor)."""
     if latents.shape[1] != vae.latent_channels:
         raise LatentDiTError(f"latents have {latents.shape[1]} channels but the VAE expects {vae.latent_channels}")
     if latents.shape[0] == 0:
         raise LatentDiTError("no latents to decode")
-    return vae.decode_batched(latents, batch_size)
+    return vae.decode_batched(latents, batch_size, norm=norm)
 
 
-def decode_to_uint8(vae, latents: torch.Tensor, batch_size: int = 32) -> np.ndarray:
-    """Scaled latents → uint8 N×H×W×3 images (ADM layout)."""
-    return images_to_uint8(decode_images(vae, latents, batch_size))
+def decode_to_uint8(vae, latents: torch.Tensor, batch_size: int = 32, norm=None) -> np.ndarray:
+    """Normalised latents → uint8 N×H×W×3 images (ADM layout); ``norm`` as in :func:`decode_images`."""
+    return images_to_uint8(decode_images(vae, latents, batch_size, norm))
 
 
 def label_text(label: int, class_names: Sequence[str] | None = None) -> str:

@@ -230,13 +230,15 @@ def save_trajectory_grid(points: Sequence[dict], decode, row_names: Sequence[str
 def save_denoising_trajectory(model: torch.nn.Module, vae, labels: Sequence[int], path: str | os.PathLike,
                               settings=None, *, process=None, seed: int = 0, indices: Sequence[int] | None = None,
                               num_points: int = 8, class_names: Sequence[str] | None = None,
-                              device: str | torch.device | None = None, dtype: torch.dtype | None = None) -> Path:
+                              device: str | torch.device | None = None, dtype: torch.dtype | None = None,
+                              norm=None) -> Path:
     """Sample ``labels`` with the chosen sampler and write how each sample forms: decoded x_t and x̂0 at
-    ~``num_points`` points along the chain (see :func:`record_trajectory`, :func:`save_trajectory_grid`)."""
+    ~``num_points`` points along the chain (see :func:`record_trajectory`, :func:`save_trajectory_grid`);
+    ``norm``: the latents' :class:`latentdit.autoencoder.LatentNorm` (None: the VAE's scaling factor)."""
     from latentdit.sampling import decode_images, label_text
 
     points, _ = record_trajectory(model, labels, settings, process=process, seed=seed, indices=indices,
                                   num_points=num_points, device=device, dtype=dtype)
     names = [label_text(int(lab), class_names) for lab in labels]
     dev = device if device is not None else next(model.parameters()).device
-    return save_trajectory_grid(points, lambda z: decode_images(vae, z.to(dev)), names, path)
+    return save_trajectory_grid(points, lambda z: decode_images(vae, z.to(dev), norm=norm), names, path)

@@ -63,7 +63,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         ckpt.model, per_sample, settings, process=ckpt.process, seed=args.seed, batch_size=args.batch_size,
         progress=True, device=device, dtype=dtype,
     )
-    images = S.decode_images(vae, latents.to(device), batch_size=args.batch_size)
+    images = S.decode_images(vae, latents.to(device), batch_size=args.batch_size, norm=ckpt.latent_norm)
     names = [S.label_text(lab, ckpt.class_names) for lab in labels]
     path = save_labeled_grid(images, names, args.out, nrow=args.samples_per_label)
     print(f"wrote {path}")
@@ -77,7 +77,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         path = save_denoising_trajectory(
             ckpt.model, vae, shown, args.trajectory, settings, process=ckpt.process, seed=args.seed,
             indices=[k * args.samples_per_label for k in range(len(shown))],  # the grid's first column
-            class_names=ckpt.class_names, device=device, dtype=dtype)
+            class_names=ckpt.class_names, device=device, dtype=dtype, norm=ckpt.latent_norm)
         print(f"wrote {path}")
     return 0
 

@@ -98,7 +98,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             ckpt.model, labels, sampling, process=ckpt.process, seed=args.seed, first_index=idx.start,
             batch_size=args.batch_size, device=device, dtype=dtype,
         )
-        images = S.decode_to_uint8(vae, latents.to(device), batch_size=args.batch_size)
+        images = S.decode_to_uint8(vae, latents.to(device), batch_size=args.batch_size, norm=ckpt.latent_norm)
         store.write_chunk(store.chunk_path(chunk_dir, k), images, labels)
         if bar is not None:
             bar.update(len(idx))

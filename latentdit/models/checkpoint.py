@@ -41,6 +41,7 @@ METADATA_KEY = "latentdit_model"              # the DiT constructor arguments (m
 META_CLASS_NAMES = "latentdit_class_names"    # list of class names, index = class id
 META_VAE = "latentdit_vae"                    # the VAE spec the latents came from
 META_DIFFUSION = "latentdit_diffusion"        # {"noise_schedule": ..., "diffusion_steps": ...}
+META_LATENT_NORM = "latentdit_latent_norm"    # LatentNorm.to_dict() of the latents trained on (decoding inverts it)
 _WRAPPER_KEYS = ("ema", "model", "state_dict")
 #: The one class besides tensors and containers a ``.pt`` checkpoint may hold: the released DiT
 #: train.py saves ``{"model", "ema", "opt", "args"}`` with ``args`` an ``argparse.Namespace``.

@@ -29,7 +29,7 @@ import torch
 
 from latentdit.errors import LatentDiTError
 from latentdit.io import check_output_folder, read_json, save_safetensors
-from latentdit.models.checkpoint import META_CLASS_NAMES, META_DIFFUSION, META_VAE
+from latentdit.models.checkpoint import META_CLASS_NAMES, META_DIFFUSION, META_LATENT_NORM, META_VAE
 from latentdit.models.checkpoint import METADATA_KEY as META_MODEL
 
 CHECKPOINTS_DIRNAME = "checkpoints"
@@ -192,7 +192,8 @@ def resolve_resume(spec: str | None, run_dir: str | os.PathLike) -> Path | None:
 
 def weights_metadata(model_config: Mapping[str, Any], class_names: list[str] | None,
                      vae: str | None = None, diffusion: Mapping[str, Any] | None = None,
-                     process: Mapping[str, Any] | None = None) -> dict[str, str]:
+                     process: Mapping[str, Any] | None = None,
+                     latent_norm: Mapping[str, Any] | None = None) -> dict[str, str]:
     from latentdit.diffusion import META_PROCESS
 
     meta = {META_MODEL: json.dumps(dict(model_config), sort_keys=True)}
@@ -204,18 +205,20 @@ def weights_metadata(model_config: Mapping[str, Any], class_names: list[str] | N
         meta[META_VAE] = json.dumps(vae)
     if diffusion is not None:
         meta[META_DIFFUSION] = json.dumps(dict(diffusion), sort_keys=True)
+    if latent_norm is not None:
+        meta[META_LATENT_NORM] = json.dumps(dict(latent_norm), sort_keys=True)
     return meta
 
 
 def save_weights(state_dict: Mapping[str, torch.Tensor], path: str | os.PathLike,
                  model_config: Mapping[str, Any], class_names: list[str] | None = None,
                  vae: str | None = None, diffusion: Mapping[str, Any] | None = None,
-                 process: Mapping[str, Any] | None = None) -> None:
+                 process: Mapping[str, Any] | None = None, latent_norm: Mapping[str, Any] | None = None) -> None:
     """Safetensors with the model config (and class names, VAE spec, noise schedule, the training
     process's ``metadata()``) in the metadata, so ``latentdit.models.checkpoint.load_dit`` and the
     sampling tools work from the file alone."""
     tensors = {k: v.detach().to("cpu") for k, v in state_dict.items()}
-    save_safetensors(tensors, path, weights_metadata(model_config, class_names, vae, diffusion, process))
+    save_safetensors(tensors, path, weights_metadata(model_config, class_names, vae, diffusion, process, latent_norm))
 
 
 def read_state(ckpt: Path) -> dict[str, Any]:

@@ -185,7 +185,7 @@ class SampleGrid:
             latents = sample_latents(self.model, y, SamplerSettings(num_steps=cfg.diffusion.sample_steps,
                                                                     cfg_scale=scale),
                                      process=self.process, noise=gen)
-            images = self.vae.decode(latents)
+            images = self.vae.decode(latents, ds.latent_norm)
         names = [ds.class_names[c] if c < len(ds.class_names) else str(c) for c in classes]
         labels = [f"{n} (cfg {scale:g})" if i == 0 else n for i, n in enumerate(names)]
         return save_labeled_grid(images, labels, path, nrow=seeds)

@@ -390,6 +390,7 @@ def save_checkpoint(state: TrainState) -> Path:
     if is_main:
         diffusion = process.metadata() if process.name == "ddpm" else None
         meta = dict(class_names=ds.class_names, vae=ds.vae, process=process.metadata(),
+                    latent_norm=ds.latent_norm.to_dict(),
                     diffusion={k: v for k, v in diffusion.items() if k != "process"} if diffusion else None)
         save_weights(model_sd, tmp / MODEL_FILE, state.model_config, **meta)
         save_weights(ema_sd, tmp / EMA_FILE, state.model_config, **meta)
