@@ -39,6 +39,7 @@ from latentdit.errors import LatentDiTError
 from latentdit.models.checkpoint import META_CLASS_NAMES, META_DIFFUSION, META_LATENT_NORM, META_VAE
 from latentdit.models.checkpoint import METADATA_KEY as META_MODEL  # noqa: F401 (the key's name here)
 from latentdit.models.guidance import check_cfg_scale, check_guidance_possible
+from latentdit.seeding import seed_for
 
 SAMPLERS = tuple(SAMPLER_SPECS)
 DEFAULT_NUM_STEPS = {name: spec.default_steps for name, spec in SAMPLER_SPECS.items()}
@@ -434,8 +435,6 @@ def sampling_grid(process: Process, settings: SamplerSettings, learn_sigma: bool
 
 def sample_generator(seed: int, index: int) -> torch.Generator:
     """The CPU generator of global sample ``index`` under ``seed``: its initial noise, then its step noise."""
-    from latentdit.training.data import seed_for
-
     return torch.Generator().manual_seed(seed_for("latentdit-sample", seed, index))
 
 

@@ -43,7 +43,7 @@ from latentdit.errors import LatentDiTError
 from latentdit.io import atomic_path, atomic_write, load_safetensors, read_json, save_safetensors, sha256_json, \
     torch_load, torch_save, write_json
 from latentdit.training.checkpoint import OPTIMIZER_FILE, STATE_FILE, CheckpointManager
-from latentdit.training.data import seed_for
+from latentdit.seeding import seed_for
 
 CONFIG_FILE = "vae_config.json"
 CACHE_FILE = "images.safetensors"

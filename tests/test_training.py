@@ -163,7 +163,7 @@ def test_step_randomness_depends_on_seed_and_step_only():
     assert not torch.equal(a.noise, c.noise)
     assert a.t.min() >= 0 and a.t.max() < 1000 and set(a.drop.tolist()) <= {0, 1}
     # ddpm draws exactly what the trainer drew before the process object: randint, then noise, then the mask
-    from latentdit.training.data import seed_for
+    from latentdit.seeding import seed_for
 
     g = torch.Generator().manual_seed(seed_for("latentdit-step", 0, 5))
     assert torch.equal(a.t, torch.randint(0, 1000, (8,), generator=g))

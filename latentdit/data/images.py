@@ -9,6 +9,7 @@ counts and lists it and goes on.
 from __future__ import annotations
 
 import os
+import warnings
 from pathlib import Path
 from typing import NamedTuple
 
@@ -113,9 +114,13 @@ def load_image_file(path: str | os.PathLike, image_size: int) -> tuple[torch.Ten
     try:
         if os.path.getsize(path) == 0:
             return None, "empty file (0 bytes)"
-        with Image.open(path) as pil:
-            pil.load()  # decode now: truncated files fail here, not later
-            arr = center_crop_arr(pil, image_size)
+        with warnings.catch_warnings():
+            # Large drawings (clip art at poster size) pass Pillow's warning threshold on every read; the
+            # image is resized right away, and files past its hard limit are still refused below.
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(path) as pil:
+                pil.load()  # decode now: truncated files fail here, not later
+                arr = center_crop_arr(pil, image_size)
     except UnidentifiedImageError:
         return None, "not a recognised image format"
     except Image.DecompressionBombError as e:

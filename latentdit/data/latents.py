@@ -17,7 +17,6 @@ checked and resumed.
 from __future__ import annotations
 
 import bisect
-import hashlib
 import json
 import os
 from pathlib import Path
@@ -27,6 +26,7 @@ import torch
 
 from latentdit.errors import LatentDiTError
 from latentdit.io import read_json
+from latentdit.seeding import seed_for
 
 FORMAT_VERSION = 1
 MANIFEST_NAME = "manifest.json"
@@ -200,12 +200,6 @@ def check_manifest_fields(manifest: Mapping[str, Any], path: str | os.PathLike) 
                              "again")
 
 
-def item_seed(seed: int, epoch: int, index: int) -> int:
-    """A 63-bit seed that is a pure function of ``(seed, epoch, index)``."""
-    digest = hashlib.blake2b(f"{int(seed)}:{int(epoch)}:{int(index)}".encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "little") & ((1 << 63) - 1)
-
-
 class LatentDataset(torch.utils.data.Dataset):
     """Stored latents for training: item ``i`` is ``(latent [C, h, w] float32, label long)`` where
     ``latent = normalize(mean + std * noise)`` from the image's or (with probability 1/2 when ``flip``) its
@@ -325,7 +319,7 @@ class LatentDataset(torch.utils.data.Dataset):
         m = self.moments(index)
         if index < 0:
             index += len(self)
-        g = torch.Generator().manual_seed(item_seed(self.seed, self.epoch, index))
+        g = torch.Generator().manual_seed(seed_for("latentdit-latent-item", int(self.seed), int(self.epoch), int(index)))
         flipped = bool(torch.randint(0, 2, (1,), generator=g).item()) if self.flip else False
         noise = torch.randn(self.latent_shape, generator=g)
         k = 1 if flipped else 0

@@ -264,14 +264,20 @@ class GaussianDiffusion:
         the vb term, computed with the eps prediction detached so the bound trains only the variance.
         With a fixed variance vb is zero and loss = mse.
         """
+        t, noise, x_t = self.noised_input(x0, t, noise)
+        model_output = model_fn(x_t, self.model_timesteps(t), **dict(model_kwargs or {}))
+        return self.losses_from_output(model_output, x0, x_t, t, noise)
+
+    def noised_input(self, x0: torch.Tensor, t: torch.Tensor,
+                     noise: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(t, noise, x_t)`` of a training step: ``t`` checked (one index per sample), ``noise`` drawn
+        when not given, ``x_t = q_sample(x0, t, noise)``."""
         t = self._as_index(t, x0)
         if t.shape != (x0.shape[0],):
             raise LatentDiTError(f"t must hold one timestep per sample ({x0.shape[0]}), got shape {tuple(t.shape)}")
         if noise is None:
             noise = torch.randn_like(x0)
-        x_t = self.q_sample(x0, t, noise)
-        model_output = model_fn(x_t, self.model_timesteps(t), **dict(model_kwargs or {}))
-        return self.losses_from_output(model_output, x0, x_t, t, noise)
+        return t, noise, self.q_sample(x0, t, noise)
 
     def losses_from_output(self, model_output: torch.Tensor, x0: torch.Tensor, x_t: torch.Tensor,
                            t: torch.Tensor, noise: torch.Tensor) -> dict[str, torch.Tensor]:

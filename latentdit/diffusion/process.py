@@ -82,12 +82,7 @@ class DDPMProcess:
                         model_kwargs: Mapping[str, Any] | None = None) -> dict[str, torch.Tensor]:
         """Per-sample dict(loss, mse, vb) as :meth:`GaussianDiffusion.training_losses`."""
         base = self.diffusion(learn_sigma=False)
-        t = base._as_index(t, x0)
-        if t.shape != (x0.shape[0],):
-            raise LatentDiTError(f"t must hold one timestep per sample ({x0.shape[0]}), got shape {tuple(t.shape)}")
-        if noise is None:
-            noise = torch.randn_like(x0)
-        x_t = base.q_sample(x0, t, noise)
+        t, noise, x_t = base.noised_input(x0, t, noise)
         out = model_fn(x_t, base.model_timesteps(t), **dict(model_kwargs or {}))
         learned = out.ndim > 1 and out.shape[1] == 2 * x0.shape[1]
         return self.diffusion(learn_sigma=learned).losses_from_output(out, x0, x_t, t, noise)

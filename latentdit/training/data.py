@@ -12,18 +12,13 @@ batch as 1 process × 2B rows, and a resumed run continues with the very same da
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass
 from typing import Any, Iterator
 
 import torch
 from torch.utils.data import Dataset, Sampler
 
-
-def seed_for(*parts: Any) -> int:
-    """A 63-bit seed derived from the given parts (stable across processes and Python runs)."""
-    digest = hashlib.sha256(":".join(str(p) for p in parts).encode()).digest()
-    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
+from latentdit.seeding import seed_for
 
 
 def epoch_permutation(num_items: int, seed: int, epoch: int) -> torch.Tensor:

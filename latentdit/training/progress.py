@@ -18,7 +18,7 @@ from typing import Any, Callable
 import torch
 
 from latentdit.config import Config
-from latentdit.training.data import seed_for
+from latentdit.seeding import seed_for
 
 METRICS_FILE = "metrics.jsonl"
 TIME_BAR_FORMAT = "{desc}: {percentage:3.0f}%|{bar}| {n:.1f}/{total:.1f} min{postfix}"  # tqdm puts ", " before the postfix

@@ -26,7 +26,8 @@ from latentdit.training.checkpoint import (
     check_resume_latents, latents_identity, read_state, resolve_resume, rng_file, rng_state, save_weights,
     set_rng_state,
 )
-from latentdit.training.data import BatchLayout, EpochIndexed, StepBatchSampler, seed_for
+from latentdit.seeding import seed_for
+from latentdit.training.data import BatchLayout, EpochIndexed, StepBatchSampler
 from latentdit.training.ema import EMA
 from latentdit.training.progress import METRICS_FILE
 
