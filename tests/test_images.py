@@ -123,6 +123,21 @@ def test_bad_file_reasons(tmp_path):
     assert "not a recognised image" in load_image_file(tmp_path / "text.jpg", 8)[1]
 
 
+def test_large_drawings_load_without_warnings_and_bombs_are_refused(tmp_path, monkeypatch):
+    import warnings
+
+    path = tmp_path / "poster.png"
+    Image.fromarray(np.full((40, 40, 3), 200, dtype=np.uint8)).save(path)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)  # 1,600 pixels: past the warning, below 2x
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # any warning fails the read
+        image, reason = load_image_file(path, 8)
+    assert reason is None and image.shape == (3, 8, 8)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 500)  # 1,600 pixels: past Pillow's hard limit (2x)
+    image, reason = load_image_file(path, 8)
+    assert image is None and "decompression-bomb" in reason
+
+
 def test_flat_folder_split_folders_and_empty_folder(tmp_path):
     flat = tmp_path / "flat"
     _save(flat / "x.png")
