@@ -461,6 +461,8 @@ def render_model_card(facts: dict[str, Any]) -> str:
     d, m, lo, t = c["data"], c["model"], c["loss"], c["train"]
     arch = facts["architecture"]
     size, f = d["image_size"], 2 ** (len(arch["block_out_channels"]) - 1)
+    # how much of the machine the run got: well below 100% means other work shared the cores
+    cpu_share = facts["train_cpu_s"] / max(1e-9, facts["train_wall_s"] * facts["cpu_threads"])
     loss = f"{lo['recon'].upper()} reconstruction + {lo['kl_weight']:g} × KL (per pixel)"
     if lo["fft_weight"]:
         loss += f" + {lo['fft_weight']:g} × L1 between orthonormal 2-D spectra"
@@ -501,8 +503,8 @@ def render_model_card(facts: dict[str, Any]) -> str:
         f"- AdamW lr {t['lr']:g}, weight decay {t['weight_decay']:g}, {t['warmup_steps']} warmup steps, cosine "
         f"decay to {t['min_lr_ratio']:g}× lr, gradient clip {t['grad_clip']:g}, seed {t['seed']}.",
         f"- Wall time: {facts['train_wall_s'] / 60:.1f} min of training ({facts['train_cpu_s'] / 60:.1f} min of "
-        f"process CPU time on {facts['cpu_threads']} thread(s)), on {facts['machine']}, measured under load "
-        "(the machine was shared with other work). " + facts.get("contention_note", ""),
+        f"process CPU time on {facts['cpu_threads']} thread(s): {cpu_share:.0%} of those threads' wall time), on "
+        f"{facts['machine']}. " + facts.get("contention_note", ""),
         f"- Command: `{facts['command']}`",
     ]
     if facts.get("history"):
