@@ -456,7 +456,8 @@ class VAEModelConfig:
     block_out_channels: list[int] = field(default_factory=lambda: [32, 64, 64, 64])
     layers_per_block: int = 1
     latent_channels: int = 4
-    norm_num_groups: int = 32
+    norm_num_groups: int = 8        # 4-8 channels per group; one per group (32 on 32 channels) acts as an instance
+                                    # norm: flat colour and the image's level are lost (see configs/vae_*.yaml)
     mid_block_add_attention: bool = False
     init_from: str = ""             # a VAE (bundled name, folder, hub id) whose weights start the run
 

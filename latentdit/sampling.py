@@ -27,7 +27,7 @@ import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 import numpy as np
 import torch
@@ -40,6 +40,9 @@ from latentdit.models.checkpoint import META_CLASS_NAMES, META_DIFFUSION, META_L
 from latentdit.models.checkpoint import METADATA_KEY as META_MODEL  # noqa: F401 (the key's name here)
 from latentdit.models.guidance import check_cfg_scale, check_guidance_possible
 from latentdit.seeding import seed_for
+
+if TYPE_CHECKING:  # the autoencoder module (diffusers) is imported only when a VAE is used
+    from latentdit.autoencoder import LatentNorm
 
 SAMPLERS = tuple(SAMPLER_SPECS)
 DEFAULT_NUM_STEPS = {name: spec.default_steps for name, spec in SAMPLER_SPECS.items()}
@@ -64,7 +67,7 @@ class SamplingCheckpoint:
     vae_spec: str | None             # VAE named in the checkpoint metadata, if any
     process: Process = field(default_factory=DDPMProcess)   # the training process (ddpm for released DiT)
     metadata: dict[str, str] = field(default_factory=dict)
-    latent_norm: Any = None          # LatentNorm of the training latents; None: the VAE's scaling_factor
+    latent_norm: LatentNorm | None = None   # of the training latents; None: the VAE's scaling_factor
 
     @property
     def num_classes(self) -> int:

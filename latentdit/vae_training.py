@@ -486,18 +486,21 @@ def render_model_card(facts: dict[str, Any]) -> str:
 
     reading = ("28×28 grey repeated to RGB, PIL bicubic resize" if is_fashion_mnist(facts["data_source"]) else
                "RGB, alpha composited on white, short side resized, centre crop")
+    whole = d["crop_size"] in (0, size)
+    seen = "whole images" if whole else "crops"
     lines += [
         "## Data",
         f"- `{facts['data_source']}`: {facts['train_images']} training images, read by latentdit's extraction "
-        f"loaders ({reading} to {size}×{size}); random "
-        f"{d['crop_size'] or size}-pixel crops and horizontal flips during training."
+        f"loaders ({reading} to {size}×{size}); "
+        + ("whole images" if whole else f"random {d['crop_size']}-pixel crops")
+        + " and horizontal flips during training."
         + (f" {facts['unreadable']} unreadable file(s) skipped." if facts.get("unreadable") else ""),
         f"- Held out (never trained on): {facts['val_images']} images, {facts['holdout']}.",
         "",
         "## Training",
         f"- Steps: {facts['steps_done']} of {t['steps']} planned"
         + (" (stopped early by --max-minutes)" if facts["stopped_early"] else "")
-        + f", batch {t['batch_size']} ({facts['steps_done'] * t['batch_size']:,} crops seen)"
+        + f", batch {t['batch_size']} ({facts['steps_done'] * t['batch_size']:,} {seen} seen)"
         + (f"; weights initialised from `{m['init_from']}`" if m["init_from"] else "") + ".",
         f"- Loss: {loss}.",
         f"- AdamW lr {t['lr']:g}, weight decay {t['weight_decay']:g}, {t['warmup_steps']} warmup steps, cosine "

@@ -300,6 +300,14 @@ def test_config_errors_name_the_field(image_folder, tmp_path):
 
 
 def test_shipped_configs_load():
-    for name in ("vae_fashion_mnist_stage1", "vae_fashion_mnist", "vae_clipart"):
+    for name in ("vae_fashion_mnist", "vae_clipart"):
         cfg = load_vae_config(REPO / "configs" / f"{name}.yaml")
         assert cfg.model.latent_channels == 4 and len(cfg.model.block_out_channels) == 4  # KL-f8, 4 channels
+
+
+@pytest.mark.parametrize("name", [None, "vae_fashion_mnist", "vae_clipart"])
+def test_default_and_shipped_norms_keep_several_channels_per_group(name):
+    # one channel per group turns every GroupNorm into an instance norm: flat colour and the image's
+    # level are normalised away (the bundled VAEs lost colour and 5 dB that way)
+    cfg = load_vae_config(None if name is None else REPO / "configs" / f"{name}.yaml")
+    assert min(cfg.model.block_out_channels) // cfg.model.norm_num_groups >= 4
