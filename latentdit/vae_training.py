@@ -486,13 +486,12 @@ def render_model_card(facts: dict[str, Any]) -> str:
 
     reading = ("28×28 grey repeated to RGB, PIL bicubic resize" if is_fashion_mnist(facts["data_source"]) else
                "RGB, alpha composited on white, short side resized, centre crop")
-    whole = d["crop_size"] in (0, size)
-    seen = "whole images" if whole else "crops"
+    seen = "whole images" if d["crop_size"] in (0, size) else "crops"
     lines += [
         "## Data",
         f"- `{facts['data_source']}`: {facts['train_images']} training images, read by latentdit's extraction "
         f"loaders ({reading} to {size}×{size}); "
-        + ("whole images" if whole else f"random {d['crop_size']}-pixel crops")
+        + (seen if seen == "whole images" else f"random {d['crop_size']}-pixel crops")
         + " and horizontal flips during training."
         + (f" {facts['unreadable']} unreadable file(s) skipped." if facts.get("unreadable") else ""),
         f"- Held out (never trained on): {facts['val_images']} images, {facts['holdout']}.",
@@ -507,7 +506,7 @@ def render_model_card(facts: dict[str, Any]) -> str:
         f"decay to {t['min_lr_ratio']:g}× lr, gradient clip {t['grad_clip']:g}, seed {t['seed']}.",
         f"- Wall time: {facts['train_wall_s'] / 60:.1f} min of training ({facts['train_cpu_s'] / 60:.1f} min of "
         f"process CPU time on {facts['cpu_threads']} thread(s): {cpu_share:.0%} of those threads' wall time), on "
-        f"{facts['machine']}. " + facts.get("contention_note", ""),
+        f"{facts['machine']}." + (f" {facts['contention_note']}" if facts.get("contention_note") else ""),
         f"- Command: `{facts['command']}`",
     ]
     if facts.get("history"):
