@@ -158,6 +158,7 @@ def launch_main(argv: Sequence[str] | None = None) -> int:
     parser = launch_command_parser()
     parser.prog = "python -m latentdit.launch"
     args = parser.parse_args(argv)
+    args.num_cpu_threads_per_process = cpu_threads_per_process(args)
     _quiet_elastic_agent()
     os.environ[LAUNCH_PRINTS_ENV] = "1"  # inherited by the workers
     try:
@@ -173,6 +174,32 @@ def launch_main(argv: Sequence[str] | None = None) -> int:
         print("interrupted", file=sys.stderr, flush=True)
         return 128 + int(signal.SIGINT)
     return 0
+
+
+def cpu_threads_per_process(args) -> int | None:
+    """Threads for each worker of a launch without a GPU: every core this process may run on, shared evenly
+    by the processes of this machine. ``accelerate launch`` itself sets ``OMP_NUM_THREADS=1`` in the workers
+    unless ``--cpu`` is passed, which leaves all cores but one idle on a CPU machine. A thread count the user
+    gave (``--num_cpu_threads_per_process`` or ``OMP_NUM_THREADS``) is kept, and so is accelerate's default
+    when a GPU is present (``None``: accelerate decides)."""
+    if args.num_cpu_threads_per_process is not None:
+        return args.num_cpu_threads_per_process
+    if os.environ.get("OMP_NUM_THREADS"):
+        return None
+    import torch
+
+    if torch.cuda.is_available() and not args.cpu:
+        return None
+    local = max(1, int(args.num_processes or 1) // max(1, int(args.num_machines or 1)))
+    return max(1, available_cores() // local)
+
+
+def available_cores() -> int:
+    """Cores this process may run on (its affinity mask where the platform has one)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
 
 
 def _quiet_elastic_agent() -> None:

@@ -166,3 +166,34 @@ def test_workers_stop_when_the_launcher_is_killed(latents, tmp_path):
     assert left == [], f"still running 30 s after the launcher was killed: {left}"
     text = log_path.read_text()
     assert "its launcher (process " in text and "has gone away" in text, text[-3000:]
+
+
+_THREADS = """
+import os, torch
+print(f"threads {torch.get_num_threads()} omp {os.environ.get('OMP_NUM_THREADS')}", flush=True)
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("processes", [1, 2])
+def test_launched_cpu_workers_share_every_core(tmp_path, processes):
+    script = tmp_path / "threads.py"
+    script.write_text(_THREADS)
+    env = {k: v for k, v in os.environ.items() if k not in ("OMP_NUM_THREADS", "MKL_NUM_THREADS")}
+    env["CUDA_VISIBLE_DEVICES"] = ""
+    launch = ["--num_processes", str(processes), "--num_machines", "1", "--mixed_precision", "no",
+              "--dynamo_backend", "no", "--main_process_port", str(_free_port())]
+    if processes > 1:
+        launch.insert(0, "--multi_gpu")
+    run = subprocess.run([PY, "-m", "latentdit.launch", *launch, str(script)], env=env, capture_output=True,
+                         text=True, timeout=120)
+    assert run.returncode == 0, run.stderr
+    expected = max(1, len(os.sched_getaffinity(0)) // processes)
+    lines = [line for line in run.stdout.splitlines() if line.startswith("threads")]
+    assert lines == [f"threads {expected} omp {expected}"] * processes
+    # a thread count the user chose is kept
+    env["OMP_NUM_THREADS"] = "1"
+    run = subprocess.run([PY, "-m", "latentdit.launch", *launch, str(script)], env=env, capture_output=True,
+                         text=True, timeout=120)
+    assert run.returncode == 0, run.stderr
+    assert [line for line in run.stdout.splitlines() if line.startswith("threads")] == ["threads 1 omp 1"] * processes
