@@ -10,7 +10,8 @@
 #                                                 # (DIR: diffusers' wheel and those of its needs missing there)
 #
 # Options: --out DIR keeps every row's log and JSON there (default: a temporary folder, removed);
-# --budget SECONDS caps the whole run (a row that would start after it is reported as skipped).
+# --budget SECONDS caps the whole run (a row that would start after it is reported as skipped);
+# --rows N[,N...] runs only those rows (numbered from 1 as printed), the others are reported as skipped.
 # Environment: PYTHON, the interpreter (default python3). Needs torch, numpy, PyYAML, safetensors,
 # tqdm, pillow, einops, timm, accelerate and pytest; rows that need diffusers (extraction, DPM-Solver)
 # are reported as "skipped (diffusers missing)" without it.
@@ -22,9 +23,10 @@ TINY=0
 WHEELS=""
 OUT=""
 BUDGET=470
+ONLY=""
 
 usage_error() {
-    echo "gpu_check.sh: $1 (options: --tiny, --wheels DIR, --out DIR, --budget SECONDS)" >&2
+    echo "gpu_check.sh: $1 (options: --tiny, --wheels DIR, --out DIR, --budget SECONDS, --rows N[,N...])" >&2
     exit 2
 }
 while (($#)); do
@@ -34,7 +36,9 @@ while (($#)); do
         --out) (($# >= 2)) || usage_error "--out needs a folder"; OUT=$2; shift ;;
         --budget) (($# >= 2)) && [[ $2 =~ ^[0-9]+$ ]] || usage_error "--budget needs a whole number of seconds"
                   BUDGET=$2; shift ;;
-        -h|--help) sed -n '2,16p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+        --rows) (($# >= 2)) && [[ $2 =~ ^[0-9]+(,[0-9]+)*$ ]] || usage_error "--rows needs row numbers, e.g. 2 or 2,8"
+                ONLY=",$2,"; shift ;;
+        -h|--help) sed -n '2,17p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
         *) usage_error "unknown option $1" ;;
     esac
     shift
@@ -125,7 +129,9 @@ row() {
     [[ $kind == pytest ]] || cmd=("$py" "$PEAK_RUNNER" "$WORK/$id.peak.json" "$@")
     local left=$((BUDGET - (SECONDS - START)))
     local status
-    if [[ -n $skip ]]; then
+    if [[ -n $ONLY && $ONLY != *",$N,"* ]]; then
+        status="skipped (not in --rows)"
+    elif [[ -n $skip ]]; then
         status="skipped ($skip)"
     elif ((left < 15)); then
         status="skipped (time budget of ${BUDGET} s spent)"
@@ -198,83 +204,5 @@ for spec in "${SAMPLERS[@]}"; do
         --json "$WORK/$id.json"
 done
 
-"$PY" - "$WORK" "$ROWS" "$DEVICE_NAME" "$TORCH_VERSION" "$TINY" "$((SECONDS - START))" <<'EOF'
-"""Reads every row's JSON and log and prints the one table."""
-import json
-import os
-import re
-import sys
-
-work, rows_path, device_name, torch_version, tiny, total_s = sys.argv[1:7]
-tiny = tiny == "1"
-
-
-def load(path):
-    try:
-        with open(path) as f:
-            return json.load(f)
-    except (OSError, ValueError):
-        return None
-
-
-def memory(row_id):
-    peak = load(os.path.join(work, f"{row_id}.peak.json"))
-    if not peak:
-        return "-"
-    if peak.get("gpu_bytes"):
-        return f"{peak['gpu_bytes'] / 2**30:.2f} GiB GPU"
-    return f"{peak['rss_bytes'] / 2**30:.2f} GiB RSS"
-
-
-def pytest_result(row_id):
-    with open(os.path.join(work, f"{row_id}.log"), errors="replace") as f:
-        lines = [ln.strip() for ln in f if re.search(r"\d+ (passed|failed|skipped|error)", ln)]
-    return lines[-1].strip("= ") if lines else "no pytest summary"
-
-
-table, plain_ips = [], None
-with open(rows_path) as f:
-    records = [line.rstrip("\n").split("\t") for line in f if line.strip()]
-for rec in records:
-    row_id, kind, label, command, status = rec[:5]
-    seconds = rec[5] + " s" if len(rec) > 5 else "-"
-    result, versus, mem = status, "-", "-"
-    data = load(os.path.join(work, f"{row_id}.json"))
-    if status == "ok" or kind == "pytest" and status.startswith("failed"):
-        mem = memory(row_id) if kind != "pytest" else "-"
-        if kind == "pytest":
-            result = pytest_result(row_id)
-        elif kind == "train" and data:
-            r = data["results"][0]
-            key = "ours" if "ours" in r else "plain fp32 eager"
-            ips = r[key]["img_per_s"]
-            if key != "ours":
-                plain_ips = ips
-            result = f"{ips:.2f} img/s (MFU {100 * r[key]['mfu']:.1f}%)"
-            versus = f"{ips / plain_ips:.2f}x plain" if plain_ips else "no plain row"
-        elif kind == "extract" and data:
-            base = next(r for r in data["rows"] if r["method"] == "per-image baseline")
-            ours = next(r for r in data["rows"] if r["method"] != "per-image baseline")
-            result = f"{ours['img_s']:.2f} img/s"
-            versus = f"{ours['img_s'] / base['img_s']:.2f}x per-image ({base['img_s']:.2f} img/s)"
-        elif kind == "sample" and data:
-            r = data["rows"][0]
-            result = f"{r['images_per_s']:.2f} img/s"
-            versus = f"{r['nfe_per_image']} NFE/img"
-        elif status == "ok":
-            result = "ok, but no JSON written"
-    table.append((label, result, versus, mem, seconds, command))
-
-print(f"\nGPU check{' (--tiny)' if tiny else ''}: {device_name}; torch {torch_version}; {total_s} s in all")
-head = ("row", "result", "vs", "peak memory", "time", "command")
-widths = [max(len(str(r[i])) for r in table + [head]) for i in range(5)]
-line = "  ".join(h.ljust(w) for h, w in zip(head, widths)) + "  " + head[5]
-print(line)
-print("-" * len(line))
-for r in table:
-    print("  ".join(str(v).ljust(w) for v, w in zip(r, widths)) + "  " + r[5])
-failed = [r[0] for r in table if r[1].startswith(("failed", "timed out")) or re.search(r"\d+ (failed|error)", r[1])]
-if failed:
-    print(f"\n{len(failed)} row(s) failed or timed out: {', '.join(failed)} (logs: --out DIR keeps them)")
-sys.exit(1 if failed else 0)
-EOF
+"$PY" "$ROOT/benchmarks/gpu_check_table.py" "$WORK" "$ROWS" "$DEVICE_NAME" "$TORCH_VERSION" "$TINY" \
+    "$((SECONDS - START))"
