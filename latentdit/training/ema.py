@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from typing import Mapping
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -24,6 +25,28 @@ def warmup_decay(decay: float, num_updates: int) -> float:
     """``min(decay, (1 + n) / (10 + n))`` after ``n`` updates: a short memory early in training, so a
     short run's EMA is not dominated by the (random or zero) initial weights."""
     return min(decay, (1.0 + num_updates) / (10.0 + num_updates))
+
+
+def power_gamma(sigma_rel: float) -> float:
+    """The exponent ``γ`` of a power-function EMA (EDM2, Karras et al. 2024) whose averaging profile
+    ``p(τ) ∝ τ^γ`` over the run so far, ``τ ∈ [0, 1]``, has standard deviation ``sigma_rel``:
+    ``sigma_rel² = (γ+1) / ((γ+2)² (γ+3))``, i.e. the largest real root of
+    ``σ²γ³ + 7σ²γ² + (16σ² − 1)γ + 12σ² − 1 = 0``."""
+    s2 = float(sigma_rel) ** 2
+    if not 0.0 < s2 < 1.0 / 12.0:  # γ → 0 is the uniform profile, whose std is 1/√12
+        raise LatentDiTError(f"train.ema_sigma_rel must be in (0, {1 / 12 ** 0.5:.4f}), got {sigma_rel}")
+    roots = np.roots([s2, 7 * s2, 16 * s2 - 1, 12 * s2 - 1])
+    return float(max(r.real for r in roots if abs(r.imag) < 1e-9))
+
+
+def power_decay(gamma: float, num_updates: int) -> float:
+    """Decay of update number ``num_updates`` (from 1) of a power-function EMA: ``(1 − 1/n)^(γ+1)``. After
+    ``N`` updates, sample ``τ`` weighs ``(τ^(γ+1) − (τ−1)^(γ+1)) / N^(γ+1)``: the profile ``∝ τ^γ`` stretched
+    over the whole run, so the average's length is a fixed fraction of training so far."""
+    n = int(num_updates)
+    if n < 1:
+        raise LatentDiTError(f"power EMA updates are counted from 1, got {num_updates}")
+    return (1.0 - 1.0 / n) ** (gamma + 1.0)
 
 
 class EMA:
