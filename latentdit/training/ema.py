@@ -32,9 +32,9 @@ def power_gamma(sigma_rel: float) -> float:
     ``p(τ) ∝ τ^γ`` over the run so far, ``τ ∈ [0, 1]``, has standard deviation ``sigma_rel``:
     ``sigma_rel² = (γ+1) / ((γ+2)² (γ+3))``, i.e. the largest real root of
     ``σ²γ³ + 7σ²γ² + (16σ² − 1)γ + 12σ² − 1 = 0``."""
-    s2 = float(sigma_rel) ** 2
-    if not 0.0 < s2 < 1.0 / 12.0:  # γ → 0 is the uniform profile, whose std is 1/√12
+    if not 0.0 < float(sigma_rel) < 12.0 ** -0.5:  # γ → 0 is the uniform profile, whose std is 1/√12
         raise LatentDiTError(f"train.ema_sigma_rel must be in (0, {1 / 12 ** 0.5:.4f}), got {sigma_rel}")
+    s2 = float(sigma_rel) ** 2
     roots = np.roots([s2, 7 * s2, 16 * s2 - 1, 12 * s2 - 1])
     return float(max(r.real for r in roots if abs(r.imag) < 1e-9))
 
