@@ -22,13 +22,18 @@ from typing import Any, Sequence
 import torch
 
 from latentdit import sampling as S
-from latentdit.diffusion.samplers import SAMPLERS as SAMPLER_SPECS
-from latentdit.sample_store import balanced_labels
 from latentdit.cli import existing_path, make_parser, non_negative_float, non_negative_int, positive_int, run_main
+from latentdit.cli.sampling import PRECISIONS, parse_guided_channels, resolve_device, resolve_dtype
+from latentdit.diffusion.samplers import SAMPLERS as SAMPLER_SPECS
 from latentdit.errors import LatentDiTError
+from latentdit.sample_store import balanced_labels
+from latentdit.weights import SamplingCheckpoint, load_model_for_sampling, load_vae_for
 from timing import sync
 
-DEFAULT_SAMPLERS = {"ddpm": "ddpm-250,ddim-50,dpm-solver-25", "flow": "euler-50,heun-20,euler-maruyama-100"}
+
+def default_sampler_specs(process) -> str:
+    """Every sampler of ``process`` at its default number of steps, e.g. ``ddpm-250,ddim-50,dpm-solver-25``."""
+    return ",".join(f"{name}-{S.DEFAULT_NUM_STEPS[name]}" for name in process.samplers)
 
 
 def parse_sampler_specs(text: str) -> list[tuple[str, int]]:
@@ -51,7 +56,8 @@ def build_parser():
     p.add_argument("--model", default=None,
                    help="model config name for files without metadata; without --ckpt, the random model's "
                         "(default DiT-S/2)")
-    p.add_argument("--samplers", default=None, help=f"comma-separated SAMPLER-STEPS (default: {DEFAULT_SAMPLERS})")
+    p.add_argument("--samplers", default=None, help="comma-separated SAMPLER-STEPS (default: every sampler of the model's process at "
+                        "its default steps)")
     p.add_argument("--process", choices=("ddpm", "flow"), default="ddpm",
                    help="process of the random model (without --ckpt; a checkpoint names its own)")
     p.add_argument("--cfg-scale", type=non_negative_float, default=1.5)
@@ -60,7 +66,7 @@ def build_parser():
     p.add_argument("--batch-size", type=positive_int, default=8)
     p.add_argument("--seed", type=non_negative_int, default=0)
     p.add_argument("--device", default="auto")
-    p.add_argument("--precision", choices=("auto", "fp32", "fp16", "bf16"), default="auto")
+    p.add_argument("--precision", choices=PRECISIONS, default="auto")
     p.add_argument("--fid-ref", default=None, help="held-out images (folder / arr_0 .npz / stats .npz)")
     p.add_argument("--fid-samples", type=positive_int, default=1000, help="generated images per sampler for FID")
     p.add_argument("--fid-batch-size", type=positive_int, default=None, help="batch for FID sampling (default --batch-size)")
@@ -69,22 +75,21 @@ def build_parser():
     return p
 
 
-def _random_checkpoint(device: torch.device, process_name: str, name: str = "DiT-S/2") -> S.SamplingCheckpoint:
+def _random_checkpoint(device: torch.device, process_name: str, name: str = "DiT-S/2") -> SamplingCheckpoint:
     from latentdit.diffusion import build_process
     from latentdit.models.registry import create_dit
 
     flow = process_name == "flow"
     model = create_dit(name, input_size=32, num_classes=1000, learn_sigma=not flow).to(device).eval()
-    return S.SamplingCheckpoint(model=model, path=Path(f"<random {name}>"), model_name=name,
+    return SamplingCheckpoint(model=model, path=Path(f"<random {name}>"), model_name=name,
                                 class_names=None, vae_spec=None, process=build_process({"process": process_name}))
 
 
-def _time_sampling(ckpt: S.SamplingCheckpoint, labels: list[int], settings: S.SamplerSettings, *, seed: int,
+def _time_sampling(ckpt: SamplingCheckpoint, labels: list[int], settings: S.ResolvedSettings, *, seed: int,
                    batch_size: int, device: torch.device, **kw: Any) -> tuple[torch.Tensor, float]:
     sync(device)
     t0 = time.perf_counter()
-    latents = S.sample_seeded(ckpt.model, labels, settings, process=ckpt.process, seed=seed, batch_size=batch_size,
-                              device=device, **kw)
+    latents = S.sample_seeded(ckpt.model, labels, settings, seed=seed, batch_size=batch_size, device=device, **kw)
     sync(device)
     return latents, time.perf_counter() - t0
 
@@ -95,18 +100,18 @@ def _fmt(value: Any, spec: str) -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    device = S.resolve_device(args.device)
-    dtype = S.resolve_dtype(args.precision, device)
+    device = resolve_device(args.device)
+    dtype = resolve_dtype(args.precision, device)
     if args.fid_ref is not None and args.ckpt is None:
         raise LatentDiTError("--fid-ref needs --ckpt (FID of a random model means nothing)")
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
-    ckpt = (S.load_model_for_sampling(args.ckpt, args.model, device=device) if args.ckpt
+    ckpt = (load_model_for_sampling(args.ckpt, args.model, device=device) if args.ckpt
             else _random_checkpoint(device, args.process, args.model or "DiT-S/2"))
-    specs = parse_sampler_specs(args.samplers or DEFAULT_SAMPLERS[ckpt.process.name])
+    specs = parse_sampler_specs(args.samplers or default_sampler_specs(ckpt.process))
     settings = {(name, steps): S.SamplerSettings(sampler=name, num_steps=steps, cfg_scale=args.cfg_scale,
-                                                 guided_channels=args.guided_channels
+                                                 guided_channels=parse_guided_channels(args.guided_channels)
                                                  ).resolved(ckpt.process, ckpt.model.in_channels)
                 for name, steps in specs}
     cfg_scale = settings[specs[0]].cfg_scale
@@ -128,7 +133,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.fid_ref is not None:
         from latentdit.metrics import compute_metrics, load_source
 
-        vae = S.load_vae_for(ckpt, args.vae, device=device)
+        vae = load_vae_for(ckpt, args.vae, device=device)
         # reference features once (cached on disk), reused for every sampler
         ref_stats = load_source(args.fid_ref, need_features=True, device=device)
 

@@ -195,6 +195,17 @@ def load_safetensors(path: str | os.PathLike, device: str = "cpu") -> tuple[dict
     return tensors, metadata
 
 
+def read_safetensors_metadata(path: str | os.PathLike) -> dict[str, str]:
+    """The metadata header of a safetensors file (no tensors are read). Errors name the file."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            return dict(f.metadata() or {})
+    except Exception as e:  # a corrupt header, not a safetensors file
+        raise LatentDiTError(f"could not read safetensors file {path}: {e}") from e
+
+
 def torch_load(path: str | os.PathLike, what: str = "checkpoint", allowed_globals: Sequence[type] = ()) -> Any:
     """``torch.load`` with ``weights_only=True`` (no arbitrary unpickling), errors naming the file.
 

@@ -1,5 +1,6 @@
-"""Image grids with text labels (training sample grids, sampling tools, the demo report), a line plot,
-and the denoising trajectory picture (decoded x_t and x̂0 along a sampler's chain)."""
+"""Drawing only: image grids with text labels (training sample grids, sampling tools, the demo report), a
+line plot, and the denoising trajectory picture from recorded points (decoded x_t and x̂0 along a
+sampler's chain; :mod:`latentdit.sampling.trajectory` records them)."""
 
 from __future__ import annotations
 
@@ -140,49 +141,6 @@ def save_line_plot(xs: Sequence[float], ys: Sequence[float], path: str | os.Path
 TRAJECTORY_HEADER = 14     # pixels above the grid for the time labels
 
 
-def trajectory_steps(num_steps: int, num_points: int) -> list[int]:
-    """Which of a sampler's ``num_steps`` steps to show: ``num_points`` (at most) evenly spread step
-    indices, always the first and the last."""
-    if num_points < 1:
-        raise LatentDiTError(f"a trajectory needs at least one point, got {num_points}")
-    if num_points == 1:
-        return [num_steps - 1]
-    return sorted({round(k * (num_steps - 1) / (num_points - 1)) for k in range(num_points)})
-
-
-def record_trajectory(model: torch.nn.Module, labels: Sequence[int], settings=None, *, process=None, seed: int = 0,
-                      indices: Sequence[int] | None = None, num_points: int = 8,
-                      device: str | torch.device | None = None,
-                      dtype: torch.dtype | None = None) -> tuple[list[dict], torch.Tensor]:
-    """Sample ``labels`` in one batch and keep the sampler's state x_t and estimate x̂0 at
-    :func:`trajectory_steps` of its steps. Sample j has the noise of global sample ``indices[j]``
-    (default j) under ``seed``, so it is the same sample :func:`latentdit.sampling.sample_seeded` draws
-    at that index.
-
-    Returns (points, final latents): each point is the sampler callback's ``{"i", "t", "x", "denoised"}``
-    (latents on the CPU), in chain order.
-    """
-    from latentdit.diffusion import DDPMProcess
-    from latentdit.sampling import SamplerSettings, per_sample_noise, sample_latents
-
-    process = process if process is not None else DDPMProcess()
-    settings = (settings or SamplerSettings()).resolved(process, int(model.in_channels))
-    keep = set(trajectory_steps(settings.num_steps, num_points))
-    points: list[dict] = []
-
-    def callback(info: dict) -> None:
-        if info["i"] in keep:
-            points.append({"i": info["i"], "t": info["t"], "x": info["x"].detach().float().cpu(),
-                           "denoised": info["denoised"].detach().float().cpu()})
-
-    indices = list(range(len(labels))) if indices is None else [int(i) for i in indices]
-    if len(indices) != len(labels):
-        raise LatentDiTError(f"record_trajectory: {len(indices)} sample indices for {len(labels)} labels")
-    final = sample_latents(model, labels, settings, process=process, noise=per_sample_noise(seed, indices),
-                           device=device, dtype=dtype, callback=callback)
-    return points, final.cpu()
-
-
 def _time_label(t: float | int) -> str:
     return f"t={t}" if isinstance(t, int) else f"t={t:.2f}"
 
@@ -225,20 +183,3 @@ def save_trajectory_grid(points: Sequence[dict], decode, row_names: Sequence[str
     with atomic_path(path) as tmp:
         canvas.save(tmp, format="PNG")
     return path
-
-
-def save_denoising_trajectory(model: torch.nn.Module, vae, labels: Sequence[int], path: str | os.PathLike,
-                              settings=None, *, process=None, seed: int = 0, indices: Sequence[int] | None = None,
-                              num_points: int = 8, class_names: Sequence[str] | None = None,
-                              device: str | torch.device | None = None, dtype: torch.dtype | None = None,
-                              norm=None) -> Path:
-    """Sample ``labels`` with the chosen sampler and write how each sample forms: decoded x_t and x̂0 at
-    ~``num_points`` points along the chain (see :func:`record_trajectory`, :func:`save_trajectory_grid`);
-    ``norm``: the latents' :class:`latentdit.autoencoder.LatentNorm` (None: the VAE's scaling factor)."""
-    from latentdit.sampling import decode_images, label_text
-
-    points, _ = record_trajectory(model, labels, settings, process=process, seed=seed, indices=indices,
-                                  num_points=num_points, device=device, dtype=dtype)
-    names = [label_text(int(lab), class_names) for lab in labels]
-    dev = device if device is not None else next(model.parameters()).device
-    return save_trajectory_grid(points, lambda z: decode_images(vae, z.to(dev), norm=norm), names, path)

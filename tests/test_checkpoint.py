@@ -11,17 +11,17 @@ import numpy as np
 import pytest
 import torch
 
-from latentdit import sampling as S
 from latentdit.cli import run_main
 from latentdit.errors import LatentDiTError
 from latentdit.models import create_dit, load_dit, load_state_dict_file, save_dit
 from latentdit.models.checkpoint import METADATA_KEY, read_checkpoint
+from latentdit.weights import load_model_for_sampling
 from dit_helpers import randomize
 
 try:
-    from test_sampling import make_tiny_vae_dir
+    from sampling_helpers import make_tiny_vae_dir
 except ImportError:  # tests/ imported as a package
-    from tests.test_sampling import make_tiny_vae_dir
+    from tests.sampling_helpers import make_tiny_vae_dir
 
 
 def tiny(**kw):
@@ -252,7 +252,7 @@ def _run_sample_tool(argv, capsys):
 def test_train_py_checkpoint_with_namespace_loads_its_ema_weights(tmp_path, capsys):
     ema, raw = randomize(tiny(), seed=1), randomize(tiny(), seed=2)
     path = _train_py_checkpoint(tmp_path / "0050000.pt", ema, raw)
-    ckpt = S.load_model_for_sampling(path)  # what tools/sample.py and tools/sample_ddp.py call
+    ckpt = load_model_for_sampling(path)  # what tools/sample.py and tools/sample_ddp.py call
     assert ckpt.model.config == ema.config and ckpt.num_classes == 10
     assert torch.equal(outputs(ckpt.model), outputs(ema))
     # the Namespace was allowed for that load only, not globally
@@ -288,25 +288,25 @@ def test_checkpoint_with_another_pickled_object_is_refused(tmp_path, args):
     torch.save({"ema": model.state_dict(), "args": args}, path)
     with pytest.raises(LatentDiTError, match=r"could not read checkpoint .*evil\.pt: .*refused for safety "
                                              r"\(it pickles [\w.]*_record_unpickling\)"):
-        S.load_model_for_sampling(path)
+        load_model_for_sampling(path)
     assert _UNPICKLED == []
 
 
 def test_label_table_without_null_row(tmp_path, capsys):
     no_null = randomize(tiny(class_dropout_prob=0.0))  # 10 classes, 10 rows, no null row
     path = _train_py_checkpoint(tmp_path / "no_null.pt", no_null, randomize(tiny(class_dropout_prob=0.0), seed=4))
-    assert S.load_model_for_sampling(path).num_classes == 9  # the default reading: last row = null class
+    assert load_model_for_sampling(path).num_classes == 9  # the default reading: last row = null class
     for kw in ({"null_class": False}, {"num_classes": 10}, {"num_classes": 10, "null_class": False}):
-        ckpt = S.load_model_for_sampling(path, **kw)
+        ckpt = load_model_for_sampling(path, **kw)
         assert ckpt.model.config == no_null.config, kw
         assert torch.equal(outputs(ckpt.model), outputs(no_null))
-    with_null = S.load_model_for_sampling(path, num_classes=9)
+    with_null = load_model_for_sampling(path, num_classes=9)
     assert with_null.num_classes == 9 and with_null.model.null_class_id == 9
     with pytest.raises(LatentDiTError, match=r"label table y_embedder.embedding_table has 10 rows; 7 classes need "
                                              r"7 rows without a null row or 8 with one"):
-        S.load_model_for_sampling(path, num_classes=7)
+        load_model_for_sampling(path, num_classes=7)
     with pytest.raises(LatentDiTError, match=r"has 10 rows; 9 classes need 9 rows \(without a null row\)"):
-        S.load_model_for_sampling(path, num_classes=9, null_class=False)
+        load_model_for_sampling(path, num_classes=9, null_class=False)
 
     vae = make_tiny_vae_dir(tmp_path / "vae")
     common = ["--ckpt", str(path), "--vae", str(vae), "--samples-per-label", "1", "--out", str(tmp_path / "g.png")]

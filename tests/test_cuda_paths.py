@@ -15,6 +15,7 @@ from latentdit import sampling as S
 from latentdit.diffusion import create_diffusion
 from latentdit.errors import LatentDiTError
 from latentdit.models import create_dit
+from latentdit.weights import load_model_for_sampling
 
 pytestmark = [pytest.mark.cuda,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
@@ -77,8 +78,8 @@ def test_released_checkpoint_loads_and_samples_on_cuda_like_cpu(tmp_path, sample
     model = _tiny_dit()
     path = tmp_path / "released.pt"
     torch.save(model.state_dict(), path)
-    cpu_ckpt = S.load_model_for_sampling(path, device="cpu")
-    gpu_ckpt = S.load_model_for_sampling(path, device="cuda")
+    cpu_ckpt = load_model_for_sampling(path, device="cpu")
+    gpu_ckpt = load_model_for_sampling(path, device="cuda")
     assert next(gpu_ckpt.model.parameters()).device.type == "cuda"
     settings = S.SamplerSettings(sampler=sampler, num_steps=steps, cfg_scale=2.0, guided_channels=3)
     x_T = _randn(4, 4, 8, 8, seed=5)

@@ -496,22 +496,14 @@ def test_all_options_round_trip_through_save_and_load(tmp_path):
 def test_all_options_model_samples_through_the_sample_tool(tmp_path, capsys):
     from PIL import Image
 
-    import importlib.util
-    from pathlib import Path
+    from sampling_helpers import make_tiny_vae_dir, run_sample_tool, save_our_checkpoint
 
-    from latentdit.cli import run_main
-    from test_sampling import make_tiny_vae_dir, save_our_checkpoint
-
-    spec = importlib.util.spec_from_file_location("sample_tool", Path(__file__).parents[1] / "tools" / "sample.py")
-    tool = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(tool)
     model = randomize(create_dit("DiT-T/2", input_size=8, num_classes=4, **ALL_OPTIONS))
     ckpt = save_our_checkpoint(model, tmp_path / "ema.safetensors", vae=str(make_tiny_vae_dir(tmp_path / "vae")))
-    with pytest.raises(SystemExit) as e:
-        run_main(tool.main, ["--ckpt", str(ckpt), "--labels", "0,3", "--samples-per-label", "2",
-                                "--num-steps", "3", "--device", "cpu", "--out", str(tmp_path / "grid.png"),
-                                "--save-individual", str(tmp_path / "ind")])
-    assert e.value.code == 0, capsys.readouterr().err
+    code = run_sample_tool(["--ckpt", str(ckpt), "--labels", "0,3", "--samples-per-label", "2", "--num-steps", "3",
+                            "--device", "cpu", "--out", str(tmp_path / "grid.png"),
+                            "--save-individual", str(tmp_path / "ind")])
+    assert code == 0, capsys.readouterr().err
     images = [np.asarray(Image.open(p)) for p in sorted((tmp_path / "ind").iterdir())]
     assert len(images) == 4 and images[0].shape == (16, 16, 3)
 

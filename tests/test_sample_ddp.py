@@ -16,9 +16,9 @@ from latentdit import sample_store as store
 from latentdit.errors import LatentDiTError
 
 try:
-    from test_sampling import make_tiny_dit, make_tiny_vae_dir, save_our_checkpoint
+    from sampling_helpers import make_tiny_dit, make_tiny_vae_dir, save_our_checkpoint
 except ImportError:  # tests/ imported as a package
-    from tests.test_sampling import make_tiny_dit, make_tiny_vae_dir, save_our_checkpoint
+    from tests.sampling_helpers import make_tiny_dit, make_tiny_vae_dir, save_our_checkpoint
 
 TOOL = Path(__file__).parents[1] / "tools" / "sample_ddp.py"
 N, CHUNK, BATCH = 10, 4, 2  # 3 chunks: 4 + 4 + 2

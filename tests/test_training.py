@@ -435,7 +435,8 @@ def test_a_flow_run_overfits_a_tiny_dataset(latents, tmp_path, extra):
 def test_flow_weights_carry_their_process_and_sample_without_settings(latents, tmp_path):
     from latentdit.diffusion import FlowProcess
     from latentdit.io import load_safetensors
-    from latentdit.sampling import SamplerSettings, load_model_for_sampling, sample_latents
+    from latentdit.sampling import SamplerSettings, sample_latents
+    from latentdit.weights import load_model_for_sampling
 
     run = tmp_path / "run"
     extra = ["diffusion.prediction=x", "diffusion.time_sampling=logit_normal", "diffusion.time_shift=2.0",
@@ -733,7 +734,8 @@ def test_per_channel_latents_are_decoded_with_their_own_statistics(tmp_path):
 
     from latentdit.autoencoder import VAE
     from latentdit.data.extract import extract_latents
-    from latentdit.sampling import decode_images, load_model_for_sampling
+    from latentdit.sampling import decode_images
+    from latentdit.weights import load_model_for_sampling
 
     torch.manual_seed(0)
     mean, std = [0.5, -1.0, 2.0, 0.0], [2.0, 0.5, 1.5, 3.0]

@@ -22,6 +22,8 @@ import torch
 from latentdit import sample_store as store
 from latentdit import sampling as S
 from latentdit.cli import make_parser, non_negative_int, output_folder, positive_int, run_main
+from latentdit.cli.sampling import (PRECISIONS, add_label_table_arguments, add_sampler_arguments, resolve_dtype,
+                                    settings_from_args)
 from latentdit.distributed import WAIT_FOR_PEERS_TIMEOUT
 from latentdit.errors import LatentDiTError
 
@@ -31,14 +33,14 @@ def build_parser():
     p.add_argument("--ckpt", required=True, help="weights file, checkpoint folder step-XXXXXXX, or run folder")
     p.add_argument("--model", default=None, help="model config name (needed only when the file has no metadata)")
     p.add_argument("--num-samples", type=positive_int, default=50_000)
-    S.add_label_table_arguments(p)
-    S.add_sampler_arguments(p, cfg_scale=1.5)
+    add_label_table_arguments(p)
+    add_sampler_arguments(p, cfg_scale=1.5)
     p.add_argument("--seed", type=non_negative_int, default=0)
     p.add_argument("--vae", default=None, help="VAE spec (default: the checkpoint's, else the bundled VAE)")
     p.add_argument("--out-dir", required=True, type=output_folder, help="folder for .chunks/ and samples.npz")
     p.add_argument("--chunk-size", type=positive_int, default=256, help="samples per chunk file")
     p.add_argument("--batch-size", type=positive_int, default=64, help="samples per forward batch")
-    p.add_argument("--precision", choices=("auto", "fp32", "fp16", "bf16"), default="auto",
+    p.add_argument("--precision", choices=PRECISIONS, default="auto",
                    help="autocast dtype on GPU (auto: bf16 on GPU, fp32 on CPU)")
     return p
 
@@ -47,19 +49,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from accelerate import PartialState
 
+    from latentdit.models.guidance import check_guidance_possible
+    from latentdit.weights import load_model_for_sampling, load_vae_for
+
     # without a GPU, accelerate joins the launched processes in a gloo group only when asked for CPU;
     # a long timeout lets ranks that finish early wait at the final barrier
     state = PartialState(cpu=not torch.cuda.is_available(), timeout=WAIT_FOR_PEERS_TIMEOUT)
     device = state.device
-    dtype = S.resolve_dtype(args.precision, device)
+    dtype = resolve_dtype(args.precision, device)
 
-    ckpt = S.load_model_for_sampling(args.ckpt, args.model, device=device, num_classes=args.num_classes,
-                                      null_class=not args.no_null_class)
-    sampling = S.settings_from_args(args).resolved(ckpt.process, ckpt.model.in_channels)
-    S.check_guidance_possible(ckpt.model, sampling.cfg_scale)  # before any output is written
+    sampling = settings_from_args(args)
+    ckpt = load_model_for_sampling(args.ckpt, args.model, device=device, num_classes=args.num_classes,
+                                   null_class=not args.no_null_class)
+    sampling = sampling.resolved(ckpt.process, ckpt.model.in_channels)
+    check_guidance_possible(ckpt.model, sampling.cfg_scale)  # before any output is written
     if args.batch_size > args.chunk_size:
         raise LatentDiTError(f"--batch-size ({args.batch_size}) must not exceed --chunk-size ({args.chunk_size})")
-    vae = S.load_vae_for(ckpt, args.vae, device=device, dtype=dtype or torch.float32)
+    vae = load_vae_for(ckpt, args.vae, device=device, dtype=dtype or torch.float32)
 
     out_dir: Path = args.out_dir
     chunk_dir = out_dir / store.CHUNK_DIR
@@ -94,10 +100,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     for k in mine:
         idx = store.chunk_range(k, args.num_samples, args.chunk_size)
         labels = store.balanced_labels(idx, ckpt.num_classes)
-        latents = S.sample_seeded(
-            ckpt.model, labels, sampling, process=ckpt.process, seed=args.seed, first_index=idx.start,
-            batch_size=args.batch_size, device=device, dtype=dtype,
-        )
+        latents = S.sample_seeded(ckpt.model, labels, sampling, seed=args.seed, first_index=idx.start,
+                                  batch_size=args.batch_size, device=device, dtype=dtype)
         images = S.decode_to_uint8(vae, latents.to(device), batch_size=args.batch_size, norm=ckpt.latent_norm)
         store.write_chunk(store.chunk_path(chunk_dir, k), images, labels)
         if bar is not None:

@@ -1,27 +1,26 @@
-"""Training processes (Gaussian diffusion, flow matching): schedules, forward process and losses,
-timestep respacing, samplers."""
+"""Training processes (Gaussian diffusion, flow matching) behind one interface
+(:class:`latentdit.diffusion.base.Process`): schedules, forward process and losses, timestep
+respacing, samplers."""
 
-from latentdit.diffusion.flow import FLOW_MODEL_TIME_SCALE, FlowProcess
+from latentdit.diffusion.base import Process
+from latentdit.diffusion.flow import FLOW_MODEL_TIME_SCALE, FlowGrid, FlowProcess, flow_grid
 from latentdit.diffusion.gaussian import GaussianDiffusion, discretized_gaussian_log_likelihood, normal_kl
 from latentdit.diffusion.process import (
     META_PROCESS,
+    PROCESS_TYPES,
     PROCESSES,
     DDPMProcess,
-    Process,
     build_process,
     process_from_metadata,
 )
 from latentdit.diffusion.respace import create_diffusion, respace_betas, space_timesteps
 from latentdit.diffusion.samplers import (
     SAMPLERS,
-    FlowGrid,
     GeneratorNoise,
+    NoiseSource,
     PerSampleNoise,
-    ddim_sample,
     ddim_step,
-    ddpm_sample,
     ddpm_step,
-    flow_grid,
     make_dpm_solver,
     sample_ddim,
     sample_ddpm,
@@ -40,15 +39,15 @@ __all__ = [
     "GaussianDiffusion",
     "GeneratorNoise",
     "META_PROCESS",
+    "NoiseSource",
     "PROCESSES",
+    "PROCESS_TYPES",
     "PerSampleNoise",
     "Process",
     "SAMPLERS",
     "build_process",
     "create_diffusion",
-    "ddim_sample",
     "ddim_step",
-    "ddpm_sample",
     "ddpm_step",
     "discretized_gaussian_log_likelihood",
     "flow_grid",

@@ -11,10 +11,12 @@ timestep embedding sees the same range as for the DDPM process (indices 0 … 99
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Any, Callable, Mapping
 
 import torch
 
+from latentdit.diffusion.base import Process
 from latentdit.errors import LatentDiTError
 
 # The DiT's timestep input for flow time t is t · FLOW_MODEL_TIME_SCALE (the DDPM process's index range).
@@ -28,6 +30,9 @@ LOSS_WEIGHTINGS = ("none", "min_snr")
 # the division uses max(t, X_PREDICTION_MIN_T) instead (JiT's clamp, with its value 0.05).
 X_PREDICTION_MIN_T = 0.05
 
+# A guidance interval's bounds are compared with float32 model times: this much slack in flow time.
+_INTERVAL_SLACK = 1e-6
+
 # "min_snr" loss weighting: Min-SNR-γ with γ = 5, SNR(t) = ((1 − t) / t)².
 MIN_SNR_GAMMA = 5.0
 
@@ -35,6 +40,11 @@ MIN_SNR_GAMMA = 5.0
 def _view(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     """Per-sample times [N] shaped [N, 1, …, 1] in the dtype of ``like``."""
     return t.to(device=like.device, dtype=like.dtype).reshape((-1,) + (1,) * (like.ndim - 1))
+
+
+def _time(t: torch.Tensor | float, like: torch.Tensor) -> torch.Tensor | float:
+    """Times for elementwise use with ``like``: a tensor [N] viewed by :func:`_view`, a number as is."""
+    return _view(t, like) if torch.is_tensor(t) else float(t)
 
 
 def _mean_flat(x: torch.Tensor) -> torch.Tensor:
@@ -75,7 +85,7 @@ def _check_number(field: str, value: Any, *, positive: bool) -> float:
     return float(value)
 
 
-class FlowProcess:
+class FlowProcess(Process):
     """Flow matching on ``x_t = (1 − t)·x0 + t·ε`` (see the module docstring).
 
     ``prediction``: ``"v"`` (the model outputs ε − x0) or ``"x"`` (the model outputs x0; the loss
@@ -88,7 +98,10 @@ class FlowProcess:
     """
 
     name = "flow"
+    samplers = ("euler", "heun", "euler-maruyama")
     default_sampler = "heun"
+    partial_guidance = False
+    interval_unit = "two flow times in [0, 1]"
 
     def __init__(self, prediction: str = "v", time_sampling: str = "uniform", logit_mean: float = 0.0,
                  logit_std: float = 1.0, time_shift: float = 1.0, loss_weighting: str = "none") -> None:
@@ -141,17 +154,71 @@ class FlowProcess:
         return model_output.to(x_t.dtype)
 
     def velocity_and_x0(self, model_output: torch.Tensor, x_t: torch.Tensor,
-                        t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(velocity, x0 estimate) from a model output at ``x_t`` and flow times ``t`` [N] — for sampling.
+                        t: torch.Tensor | float) -> tuple[torch.Tensor, torch.Tensor]:
+        """(velocity, x0 estimate) from a model output at ``x_t`` and flow times ``t`` — for sampling.
 
         With x-prediction the velocity is (x_t − x̂0)/t without the training loss's clamp, so an Euler
         step onto t = 0 lands exactly on x̂0; the samplers never evaluate the model at t = 0.
         """
         out = self._check_output(model_output, x_t)
-        tt = _view(t, x_t)
         if self.prediction == "v":
-            return out, x_t - tt * out
-        return (x_t - out) / tt.clamp(min=torch.finfo(tt.dtype).tiny), out
+            return out, self.x0_from_v(x_t, t, out)
+        return self.v_from_x0(x_t, t, out), out
+
+    # ------------------------------------------------------------------ conversions (t: tensor [N] or a number)
+
+    def x0_from_eps(self, x_t: torch.Tensor, t: torch.Tensor | float, eps: torch.Tensor) -> torch.Tensor:
+        """x0 = (x_t − t·ε) / (1 − t) (undefined at t = 1)."""
+        tt = _time(t, x_t)
+        return (x_t - tt * eps) / (1.0 - tt)
+
+    def eps_from_x0(self, x_t: torch.Tensor, t: torch.Tensor | float, x0: torch.Tensor) -> torch.Tensor:
+        """ε = (x_t − (1 − t)·x0) / t (undefined at t = 0)."""
+        tt = _time(t, x_t)
+        return (x_t - (1.0 - tt) * x0) / tt
+
+    def v_from_x0(self, x_t: torch.Tensor, t: torch.Tensor | float, x0: torch.Tensor) -> torch.Tensor:
+        """v = ε − x0 = (x_t − x0) / t, t floored at the smallest positive float of the dtype."""
+        tt = _time(t, x_t)
+        tiny = torch.finfo(x_t.dtype).tiny
+        return (x_t - x0) / (tt.clamp(min=tiny) if torch.is_tensor(tt) else max(tt, tiny))
+
+    def x0_from_v(self, x_t: torch.Tensor, t: torch.Tensor | float, v: torch.Tensor) -> torch.Tensor:
+        """x0 = x_t − t·v."""
+        return x_t - _time(t, x_t) * v
+
+    def eps_from_v(self, x_t: torch.Tensor, t: torch.Tensor | float, v: torch.Tensor) -> torch.Tensor:
+        """ε = x_t + (1 − t)·v."""
+        return x_t + (1.0 - _time(t, x_t)) * v
+
+    # ------------------------------------------------------------------ sampling
+
+    def sampling_grid(self, sampler: str, num_steps: int, learn_sigma: bool, *, time_shift: float | None = None,
+                      ddim_map: str = "ddim") -> "FlowGrid":
+        """Every flow sampler walks the same grid: :func:`flow_grid` (``time_shift`` None: the trained shift)."""
+        return flow_grid(self, num_steps, self.time_shift if time_shift is None else time_shift)
+
+    def check_num_steps(self, num_steps: Any) -> int:
+        if isinstance(num_steps, bool) or not isinstance(num_steps, int) or num_steps < 1:
+            raise LatentDiTError(f"num_steps (--num-steps) must be an integer >= 1, got {num_steps!r}")
+        return num_steps
+
+    def check_guidance_interval(self, lo: float, hi: float) -> tuple[float, float]:
+        if not 0.0 <= lo <= hi <= 1.0:
+            raise LatentDiTError(f"guidance interval ({lo:g}, {hi:g}) must satisfy 0 ≤ lo ≤ hi ≤ 1 (flow times)")
+        return float(lo), float(hi)
+
+    def in_guidance_interval(self, t_model: torch.Tensor, interval: tuple[float, float]) -> bool:
+        """Flow times reach the model as float32 t · scale: compared in flow time with float32 slack."""
+        lo, hi = interval
+        t = float(t_model[0]) / FLOW_MODEL_TIME_SCALE
+        return lo - _INTERVAL_SLACK <= t <= hi + _INTERVAL_SLACK
+
+    def sampling_time_shift(self, time_shift: Any) -> float:
+        shift = self.time_shift if time_shift is None else time_shift
+        if isinstance(shift, bool) or not isinstance(shift, (int, float)) or not math.isfinite(shift) or shift <= 0:
+            raise LatentDiTError(f"time_shift (--time-shift) must be a finite number > 0, got {shift!r}")
+        return float(shift)
 
     # ------------------------------------------------------------------ loss
 
@@ -184,3 +251,28 @@ class FlowProcess:
             target, pred = velocity_from_x0(x_t, x0, t), velocity_from_x0(x_t, out, t)
         mse = _mean_flat((pred - target) ** 2)
         return {"loss": self.loss_weight(t).to(mse.dtype) * mse, "mse": mse}
+
+
+# ----------------------------------------------------------------------------------------------
+# The sampling grid
+# ----------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class FlowGrid:
+    """Flow times from 1 (noise) down to 0 (data) and the process that reads the model's output."""
+
+    process: FlowProcess
+    times: tuple[float, ...]
+
+    @property
+    def num_steps(self) -> int:
+        return len(self.times) - 1
+
+
+def flow_grid(process: FlowProcess, num_steps: int, time_shift: float = 1.0) -> FlowGrid:
+    """``num_steps`` equal steps in t from 1 to 0, each time then shifted by ``time_shift``
+    (t' = s·t/(1 + (s − 1)·t): s > 1 takes smaller steps near the noise end)."""
+    if isinstance(num_steps, bool) or not isinstance(num_steps, int) or num_steps < 1:
+        raise LatentDiTError(f"flow sampling needs num_steps >= 1, got {num_steps!r}")
+    uniform = torch.linspace(1.0, 0.0, num_steps + 1, dtype=torch.float64)
+    return FlowGrid(process, tuple(float(t) for t in shift_time(uniform, float(time_shift))))

@@ -133,16 +133,17 @@ class GaussianDiffusion:
             self._tables[key] = torch.from_numpy(np.ascontiguousarray(getattr(self, name))).to(dev)
         return self._tables[key]
 
-    def _gather(self, name: str, t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    def gather(self, name: str, t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
         """``array[t]`` gathered in float64, cast to the working dtype of ``like``, shaped [N, 1, …, 1]."""
-        t = self._as_index(t, like)
+        t = self.as_index(t, like)
         table = self._table(name, t.device)
         values = table[t.to(table.device)]
         dtype = torch.promote_types(like.dtype, torch.float32) if like.is_floating_point() else torch.float32
         values = values.to(device=like.device, dtype=dtype)
         return values.reshape(values.shape + (1,) * (like.ndim - values.ndim))
 
-    def _as_index(self, t: torch.Tensor | int, like: torch.Tensor) -> torch.Tensor:
+    def as_index(self, t: torch.Tensor | int, like: torch.Tensor) -> torch.Tensor:
+        """Timesteps as int64 indices, one per sample of ``like`` (a number or a 0-d tensor is broadcast)."""
         if not torch.is_tensor(t):
             t = torch.full((like.shape[0],), int(t), dtype=torch.long, device=like.device)
         if t.is_floating_point() or t.dtype == torch.bool:
@@ -178,39 +179,33 @@ class GaussianDiffusion:
 
     # ------------------------------------------------------------------ forward process and posterior
 
-    def q_mean_variance(self, x0: torch.Tensor, t: torch.Tensor | int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Mean, variance and log variance of q(x_t | x_0)."""
-        mean = self._gather("sqrt_alphas_cumprod", t, x0) * x0
-        var = 1.0 - self._gather("alphas_cumprod", t, x0)
-        return mean, var, torch.log(var)
-
     def q_sample(self, x0: torch.Tensor, t: torch.Tensor | int, noise: torch.Tensor | None = None) -> torch.Tensor:
         """Draw x_t ~ q(x_t | x_0) = sqrt(abar_t)·x_0 + sqrt(1 - abar_t)·noise."""
         if noise is None:
             noise = torch.randn_like(x0)
         if noise.shape != x0.shape:
             raise LatentDiTError(f"noise shape {tuple(noise.shape)} differs from x0 shape {tuple(x0.shape)}")
-        return (self._gather("sqrt_alphas_cumprod", t, x0) * x0
-                + self._gather("sqrt_one_minus_alphas_cumprod", t, x0) * noise)
+        return (self.gather("sqrt_alphas_cumprod", t, x0) * x0
+                + self.gather("sqrt_one_minus_alphas_cumprod", t, x0) * noise)
 
     def q_posterior_mean_variance(self, x0: torch.Tensor, x_t: torch.Tensor,
                                   t: torch.Tensor | int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Mean, variance and clipped log variance of q(x_{t-1} | x_t, x_0); variances are [N, 1, …, 1]."""
-        mean = (self._gather("posterior_mean_coef1", t, x_t) * x0
-                + self._gather("posterior_mean_coef2", t, x_t) * x_t)
-        var = self._gather("posterior_variance", t, x_t)
-        log_var = self._gather("posterior_log_variance_clipped", t, x_t)
+        mean = (self.gather("posterior_mean_coef1", t, x_t) * x0
+                + self.gather("posterior_mean_coef2", t, x_t) * x_t)
+        var = self.gather("posterior_variance", t, x_t)
+        log_var = self.gather("posterior_log_variance_clipped", t, x_t)
         return mean, var, log_var
 
     def predict_x0_from_eps(self, x_t: torch.Tensor, t: torch.Tensor | int, eps: torch.Tensor) -> torch.Tensor:
         """x_0 = (x_t - sqrt(1 - abar_t)·eps) / sqrt(abar_t)."""
-        return (self._gather("sqrt_recip_alphas_cumprod", t, x_t) * x_t
-                - self._gather("sqrt_recipm1_alphas_cumprod", t, x_t) * eps)
+        return (self.gather("sqrt_recip_alphas_cumprod", t, x_t) * x_t
+                - self.gather("sqrt_recipm1_alphas_cumprod", t, x_t) * eps)
 
     def predict_eps_from_x0(self, x_t: torch.Tensor, t: torch.Tensor | int, x0: torch.Tensor) -> torch.Tensor:
         """eps = (x_t / sqrt(abar_t) - x_0) / sqrt(1/abar_t - 1)."""
-        return ((self._gather("sqrt_recip_alphas_cumprod", t, x_t) * x_t - x0)
-                / self._gather("sqrt_recipm1_alphas_cumprod", t, x_t))
+        return ((self.gather("sqrt_recip_alphas_cumprod", t, x_t) * x_t - x0)
+                / self.gather("sqrt_recipm1_alphas_cumprod", t, x_t))
 
     # ------------------------------------------------------------------ model posterior
 
@@ -223,17 +218,17 @@ class GaussianDiffusion:
         model_output = model_output.to(x_t.dtype) if x_t.is_floating_point() else model_output
         eps, v = self.split_model_output(model_output, x_t)
         if self.model_var_type == "learned_range":
-            min_log = self._gather("posterior_log_variance_clipped", t, x_t)
-            max_log = self._gather("log_betas", t, x_t)
+            min_log = self.gather("posterior_log_variance_clipped", t, x_t)
+            max_log = self.gather("log_betas", t, x_t)
             frac = (v + 1.0) / 2.0
             log_variance = frac * max_log + (1.0 - frac) * min_log
             variance = torch.exp(log_variance)
         elif self.model_var_type == "fixed_small":
-            variance = self._gather("posterior_variance", t, x_t).expand_as(x_t)
-            log_variance = self._gather("posterior_log_variance_clipped", t, x_t).expand_as(x_t)
+            variance = self.gather("posterior_variance", t, x_t).expand_as(x_t)
+            log_variance = self.gather("posterior_log_variance_clipped", t, x_t).expand_as(x_t)
         else:
-            variance = self._gather("large_variance", t, x_t).expand_as(x_t)
-            log_variance = self._gather("large_log_variance", t, x_t).expand_as(x_t)
+            variance = self.gather("large_variance", t, x_t).expand_as(x_t)
+            log_variance = self.gather("large_log_variance", t, x_t).expand_as(x_t)
         pred_x0 = self.predict_x0_from_eps(x_t, t, eps)
         if clip_denoised:
             pred_x0 = pred_x0.clamp(-1.0, 1.0)
@@ -246,7 +241,7 @@ class GaussianDiffusion:
                      t: torch.Tensor | int) -> torch.Tensor:
         """Per-sample variational-bound term in bits per dimension: KL(q(x_{t-1}|x_t,x_0) || p(x_{t-1}|x_t))
         for t > 0 and the discretised Gaussian decoder NLL of x_0 for t == 0."""
-        t = self._as_index(t, x_t)
+        t = self.as_index(t, x_t)
         true_mean, _, true_log_var = self.q_posterior_mean_variance(x0, x_t, t)
         out = self.p_mean_variance(model_output, x_t, t)
         kl = _mean_flat(normal_kl(true_mean, true_log_var, out["mean"], out["log_variance"])) / math.log(2.0)
@@ -272,7 +267,7 @@ class GaussianDiffusion:
                      noise: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """``(t, noise, x_t)`` of a training step: ``t`` checked (one index per sample), ``noise`` drawn
         when not given, ``x_t = q_sample(x0, t, noise)``."""
-        t = self._as_index(t, x0)
+        t = self.as_index(t, x0)
         if t.shape != (x0.shape[0],):
             raise LatentDiTError(f"t must hold one timestep per sample ({x0.shape[0]}), got shape {tuple(t.shape)}")
         if noise is None:
@@ -282,7 +277,7 @@ class GaussianDiffusion:
     def losses_from_output(self, model_output: torch.Tensor, x0: torch.Tensor, x_t: torch.Tensor,
                            t: torch.Tensor, noise: torch.Tensor) -> dict[str, torch.Tensor]:
         """The losses of :meth:`training_losses` given the model's output at ``x_t = q_sample(x0, t, noise)``."""
-        t = self._as_index(t, x0)
+        t = self.as_index(t, x0)
         model_output = model_output.to(x_t.dtype)
         eps, v = self.split_model_output(model_output, x_t)
         mse = _mean_flat((noise - eps) ** 2)

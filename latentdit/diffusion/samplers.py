@@ -7,8 +7,9 @@
   for the DDPM process, ``t · FLOW_MODEL_TIME_SCALE`` for flow).
 * ``x`` is the initial noise x_T (float32); the result is x_0.
 * ``grid`` says where the chain goes: a (respaced) :class:`GaussianDiffusion` for ``ddpm`` / ``ddim``,
-  a DPM-Solver++ scheduler from :func:`make_dpm_solver` for ``dpm-solver``, a :class:`FlowGrid` for
-  ``euler`` / ``heun`` / ``euler-maruyama``.
+  a DPM-Solver++ scheduler from :func:`make_dpm_solver` for ``dpm-solver``, a
+  :class:`latentdit.diffusion.flow.FlowGrid` for ``euler`` / ``heun`` / ``euler-maruyama``; a process
+  makes the grid of each of its samplers (:meth:`latentdit.diffusion.base.Process.sampling_grid`).
 * ``noise`` is a :class:`NoiseSource`: stochastic samplers draw each step's fresh noise from it, so
   sampling is deterministic under a seed (per-sample sources make it independent of the batch split).
 * ``callback(info)`` is called once per model evaluation on the chain with ``info = {"x": x_t,
@@ -25,7 +26,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 import torch
 
-from latentdit.diffusion.flow import FlowProcess, shift_time
+from latentdit.diffusion.flow import FlowGrid
 from latentdit.diffusion.gaussian import GaussianDiffusion
 from latentdit.errors import LatentDiTError
 
@@ -111,7 +112,7 @@ def ddpm_step(diffusion: GaussianDiffusion, model_output: torch.Tensor, x: torch
     ``t`` is an index of ``diffusion`` (respaced index for a respaced one). ``noise`` is z; drawn from
     ``generator`` when not given. Returns (x_prev, pred_x0).
     """
-    t = diffusion._as_index(t, x)
+    t = diffusion.as_index(t, x)
     out = diffusion.p_mean_variance(model_output, x, t, clip_denoised=clip_denoised)
     z = _step_noise(x, noise, generator)
     x_prev = out["mean"] + _nonzero_mask(t, x) * torch.exp(0.5 * out["log_variance"]) * z
@@ -128,12 +129,12 @@ def ddim_step(diffusion: GaussianDiffusion, model_output: torch.Tensor, x: torch
     (possibly clipped) x0. Noise is drawn only when eta > 0. Returns (x_prev, pred_x0).
     """
     _check_eta(eta)
-    t = diffusion._as_index(t, x)
+    t = diffusion.as_index(t, x)
     out = diffusion.p_mean_variance(model_output, x, t, clip_denoised=clip_denoised)
     pred_x0 = out["pred_x0"]
     eps = diffusion.predict_eps_from_x0(x, t, pred_x0) if clip_denoised else out["eps"]
-    abar = diffusion._gather("alphas_cumprod", t, x)
-    abar_prev = diffusion._gather("alphas_cumprod_prev", t, x)
+    abar = diffusion.gather("alphas_cumprod", t, x)
+    abar_prev = diffusion.gather("alphas_cumprod_prev", t, x)
     sigma = eta * torch.sqrt((1.0 - abar_prev) / (1.0 - abar)) * torch.sqrt(1.0 - abar / abar_prev)
     x_prev = torch.sqrt(abar_prev) * pred_x0 + torch.sqrt((1.0 - abar_prev - sigma ** 2).clamp(min=0.0)) * eps
     if eta > 0:
@@ -227,27 +228,6 @@ def sample_dpm_solver(model_fn: ModelFn, x: torch.Tensor, grid, *, noise: NoiseS
 # Flow process: ODE and SDE samplers
 # ----------------------------------------------------------------------------------------------
 
-@dataclass(frozen=True)
-class FlowGrid:
-    """Flow times from 1 (noise) down to 0 (data) and the process that reads the model's output."""
-
-    process: FlowProcess
-    times: tuple[float, ...]
-
-    @property
-    def num_steps(self) -> int:
-        return len(self.times) - 1
-
-
-def flow_grid(process: FlowProcess, num_steps: int, time_shift: float = 1.0) -> FlowGrid:
-    """``num_steps`` equal steps in t from 1 to 0, each time then shifted by ``time_shift``
-    (t' = s·t/(1 + (s − 1)·t): s > 1 takes smaller steps near the noise end)."""
-    if isinstance(num_steps, bool) or not isinstance(num_steps, int) or num_steps < 1:
-        raise LatentDiTError(f"flow sampling needs num_steps >= 1, got {num_steps!r}")
-    uniform = torch.linspace(1.0, 0.0, num_steps + 1, dtype=torch.float64)
-    return FlowGrid(process, tuple(float(t) for t in shift_time(uniform, float(time_shift))))
-
-
 def _flow_eval(model_fn: ModelFn, x: torch.Tensor, grid: FlowGrid, t: float) -> tuple[torch.Tensor, torch.Tensor]:
     tt = torch.full((x.shape[0],), t, dtype=torch.float32, device=x.device)
     with torch.no_grad():
@@ -301,7 +281,7 @@ def sample_euler_maruyama(model_fn: ModelFn, x: torch.Tensor, grid: FlowGrid, *,
             callback({"x": x, "i": i, "t": t, "denoised": x0})
         dt = t_next - t
         if t_next > 0:
-            eps = x + (1.0 - t) * v
+            eps = grid.process.eps_from_v(x, t, v)
             x = x + dt * (v + 0.5 * eps) + math.sqrt(t * -dt) * noise.like(x)
         else:
             x = x + dt * v
@@ -314,10 +294,9 @@ def sample_euler_maruyama(model_fn: ModelFn, x: torch.Tensor, grid: FlowGrid, *,
 
 @dataclass(frozen=True)
 class SamplerSpec:
-    """A sampler, the process it applies to and its default number of steps."""
+    """A sampler and its default number of steps (the processes say which samplers apply to them)."""
 
     fn: Callable[..., torch.Tensor]
-    process: str
     default_steps: int
     stochastic: bool
     help: str
@@ -328,46 +307,10 @@ class SamplerSpec:
 
 
 SAMPLERS: dict[str, SamplerSpec] = {
-    "ddpm": SamplerSpec(sample_ddpm, "ddpm", 250, True, "ancestral DDPM on an evenly respaced grid"),
-    "ddim": SamplerSpec(sample_ddim, "ddpm", 50, False, "DDIM (eta 0) on DDIM's strided grid"),
-    "dpm-solver": SamplerSpec(sample_dpm_solver, "ddpm", 25, False, "DPM-Solver++ 2M (diffusers)"),
-    "euler": SamplerSpec(sample_euler, "flow", 50, False, "Euler on the flow ODE (1 evaluation per step)"),
-    "heun": SamplerSpec(sample_heun, "flow", 20, False, "Heun on the flow ODE (2 evaluations per step)"),
-    "euler-maruyama": SamplerSpec(sample_euler_maruyama, "flow", 100, True, "Euler–Maruyama on the flow SDE (SiT)"),
+    "ddpm": SamplerSpec(sample_ddpm, 250, True, "ancestral DDPM on an evenly respaced grid"),
+    "ddim": SamplerSpec(sample_ddim, 50, False, "DDIM (eta 0) on DDIM's strided grid"),
+    "dpm-solver": SamplerSpec(sample_dpm_solver, 25, False, "DPM-Solver++ 2M (diffusers)"),
+    "euler": SamplerSpec(sample_euler, 50, False, "Euler on the flow ODE (1 evaluation per step)"),
+    "heun": SamplerSpec(sample_heun, 20, False, "Heun on the flow ODE (2 evaluations per step)"),
+    "euler-maruyama": SamplerSpec(sample_euler_maruyama, 100, True, "Euler–Maruyama on the flow SDE (SiT)"),
 }
-
-
-# ----------------------------------------------------------------------------------------------
-# Whole-chain helpers for a GaussianDiffusion (x_T drawn from a shape)
-# ----------------------------------------------------------------------------------------------
-
-def _initial_noise(shape: Sequence[int], generator: torch.Generator | None, device: torch.device | str,
-                   noise: torch.Tensor | None) -> torch.Tensor:
-    if noise is not None:
-        if tuple(noise.shape) != tuple(shape):
-            raise LatentDiTError(f"initial noise shape {tuple(noise.shape)} differs from the requested shape "
-                                 f"{tuple(shape)}")
-        return noise.to(device=device, dtype=torch.float32)
-    return torch.randn(tuple(shape), generator=generator, device=device, dtype=torch.float32)
-
-
-def ddpm_sample(diffusion: GaussianDiffusion, model_fn: ModelFn, shape: Sequence[int],
-                generator: torch.Generator | None = None, device: torch.device | str = "cpu",
-                noise: torch.Tensor | None = None, progress: bool = False,
-                clip_denoised: bool = False) -> torch.Tensor:
-    """:func:`sample_ddpm` from x_T (``noise`` or drawn from ``generator``, which also gives the step
-    noise); returns x_0 (float32 latents of ``shape``)."""
-    x = _initial_noise(shape, generator, device, noise)
-    return sample_ddpm(model_fn, x, diffusion, noise=GeneratorNoise(generator), progress=progress,
-                       clip_denoised=clip_denoised)
-
-
-def ddim_sample(diffusion: GaussianDiffusion, model_fn: ModelFn, shape: Sequence[int],
-                generator: torch.Generator | None = None, device: torch.device | str = "cpu",
-                noise: torch.Tensor | None = None, progress: bool = False, eta: float = 0.0,
-                clip_denoised: bool = False) -> torch.Tensor:
-    """:func:`sample_ddim` from x_T (``noise`` or drawn from ``generator``); returns x_0."""
-    _check_eta(eta)
-    x = _initial_noise(shape, generator, device, noise)
-    return sample_ddim(model_fn, x, diffusion, noise=GeneratorNoise(generator), progress=progress, eta=eta,
-                       clip_denoised=clip_denoised)

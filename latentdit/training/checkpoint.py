@@ -28,9 +28,7 @@ import numpy as np
 import torch
 
 from latentdit.errors import LatentDiTError
-from latentdit.io import check_output_folder, read_json, save_safetensors
-from latentdit.models.checkpoint import META_CLASS_NAMES, META_DIFFUSION, META_LATENT_NORM, META_VAE
-from latentdit.models.checkpoint import METADATA_KEY as META_MODEL
+from latentdit.io import check_output_folder, read_json
 
 CHECKPOINTS_DIRNAME = "checkpoints"
 _STEP_RE = re.compile(r"^step-(\d{7,})$")
@@ -189,37 +187,6 @@ def resolve_resume(spec: str | None, run_dir: str | os.PathLike) -> Path | None:
 # --------------------------------------------------------------------------------------------
 # files inside a checkpoint
 # --------------------------------------------------------------------------------------------
-
-def weights_metadata(model_config: Mapping[str, Any], class_names: list[str] | None,
-                     vae: str | None = None, diffusion: Mapping[str, Any] | None = None,
-                     process: Mapping[str, Any] | None = None,
-                     latent_norm: Mapping[str, Any] | None = None) -> dict[str, str]:
-    from latentdit.diffusion import META_PROCESS
-
-    meta = {META_MODEL: json.dumps(dict(model_config), sort_keys=True)}
-    if process is not None:
-        meta[META_PROCESS] = json.dumps(dict(process), sort_keys=True)
-    if class_names is not None:
-        meta[META_CLASS_NAMES] = json.dumps(list(class_names))
-    if vae is not None:
-        meta[META_VAE] = json.dumps(vae)
-    if diffusion is not None:
-        meta[META_DIFFUSION] = json.dumps(dict(diffusion), sort_keys=True)
-    if latent_norm is not None:
-        meta[META_LATENT_NORM] = json.dumps(dict(latent_norm), sort_keys=True)
-    return meta
-
-
-def save_weights(state_dict: Mapping[str, torch.Tensor], path: str | os.PathLike,
-                 model_config: Mapping[str, Any], class_names: list[str] | None = None,
-                 vae: str | None = None, diffusion: Mapping[str, Any] | None = None,
-                 process: Mapping[str, Any] | None = None, latent_norm: Mapping[str, Any] | None = None) -> None:
-    """Safetensors with the model config (and class names, VAE spec, noise schedule, the training
-    process's ``metadata()``) in the metadata, so ``latentdit.models.checkpoint.load_dit`` and the
-    sampling tools work from the file alone."""
-    tensors = {k: v.detach().to("cpu") for k, v in state_dict.items()}
-    save_safetensors(tensors, path, weights_metadata(model_config, class_names, vae, diffusion, process, latent_norm))
-
 
 def read_state(ckpt: Path) -> dict[str, Any]:
     state = read_json(ckpt / STATE_FILE, "checkpoint state")

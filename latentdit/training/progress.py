@@ -166,7 +166,7 @@ class SampleGrid:
     def __call__(self, ema_state: dict[str, torch.Tensor], step: int, path: Path) -> Path:
         from latentdit.autoencoder import VAE
         from latentdit.models import DiT
-        from latentdit.sampling import SamplerSettings, sample_latents
+        from latentdit.sampling import SamplerSettings, default_labels, sample_latents
         from latentdit.visualize import save_labeled_grid
 
         cfg, ds = self.cfg, self.dataset
@@ -175,8 +175,7 @@ class SampleGrid:
         if self.vae is None:
             self.vae = VAE.load(ds.vae, device=self.device)
         self.model.load_state_dict(ema_state)
-        k = min(cfg.train.sample_num_classes, ds.num_classes)
-        classes = sorted({round(i * (ds.num_classes - 1) / max(1, k - 1)) for i in range(k)})
+        classes = default_labels(ds.num_classes, cfg.train.sample_num_classes)
         seeds = cfg.train.sample_num_seeds
         y = torch.tensor(classes, device=self.device).repeat_interleave(seeds)
         scale = cfg.train.sample_cfg_scale if cfg.model.class_dropout_prob > 0 else 1.0

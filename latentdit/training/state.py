@@ -23,13 +23,13 @@ from latentdit.io import load_safetensors, torch_load, torch_save, write_json
 from latentdit.training import sharding
 from latentdit.training.checkpoint import (
     EMA_FILE, MODEL_FILE, OPTIMIZER_FILE, SCHEDULER_FILE, STATE_FILE, CheckpointManager,
-    check_resume_latents, latents_identity, read_state, resolve_resume, rng_file, rng_state, save_weights,
-    set_rng_state,
+    check_resume_latents, latents_identity, read_state, resolve_resume, rng_file, rng_state, set_rng_state,
 )
 from latentdit.seeding import seed_for
 from latentdit.training.data import BatchLayout, EpochIndexed, StepBatchSampler
 from latentdit.training.ema import EMA
 from latentdit.training.progress import METRICS_FILE
+from latentdit.weights import save_weights
 
 CONFIG_FILE = "config.yaml"
 
@@ -389,10 +389,8 @@ def save_checkpoint(state: TrainState) -> Path:
     ema_sd = state.ema.state_dict(state.raw_model)
     ds, process = state.dataset, state.process
     if is_main:
-        diffusion = process.metadata() if process.name == "ddpm" else None
         meta = dict(class_names=ds.class_names, vae=ds.vae, process=process.metadata(),
-                    latent_norm=ds.latent_norm.to_dict(),
-                    diffusion={k: v for k, v in diffusion.items() if k != "process"} if diffusion else None)
+                    latent_norm=ds.latent_norm.to_dict(), diffusion=process.legacy_metadata())
         save_weights(model_sd, tmp / MODEL_FILE, state.model_config, **meta)
         save_weights(ema_sd, tmp / EMA_FILE, state.model_config, **meta)
         torch_save(opt_sd, tmp / OPTIMIZER_FILE)

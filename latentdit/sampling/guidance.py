@@ -1,0 +1,50 @@
+"""The model function the samplers call: the DiT with classifier-free guidance, optionally only inside
+a guidance interval and only on the first latent channels, under autocast on CUDA."""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Callable
+
+import torch
+
+from latentdit.diffusion import Process
+from latentdit.models.guidance import guided_forward
+
+ModelFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def _autocast(device: torch.device, dtype: torch.dtype | None):
+    if device.type == "cuda" and dtype in (torch.float16, torch.bfloat16):
+        return torch.autocast("cuda", dtype=dtype)
+    return contextlib.nullcontext()
+
+
+def make_model_fn(model: torch.nn.Module, y: torch.Tensor, *, cfg_scale: float,
+                  guided_channels: int | None = None, guide_at: Callable[[torch.Tensor], bool] | None = None,
+                  dtype: torch.dtype | None = None) -> ModelFn:
+    """``model_fn(x, t_model)`` for the samplers: guided where ``guide_at(t_model)`` holds (everywhere
+    when None), plain conditional elsewhere. cfg_scale 1 never runs the unconditional half. Output in
+    float32."""
+
+    def model_fn(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        t = t.to(x.device).reshape(-1)
+        if t.numel() == 1:
+            t = t.expand(x.shape[0])
+        guide = cfg_scale != 1.0 and (guide_at is None or guide_at(t))
+        with _autocast(x.device, dtype):
+            if guide:
+                out = guided_forward(model, x, t, y, cfg_scale, guided_channels=guided_channels)
+            else:
+                out = model(x, t, y)
+        return out.float()
+
+    return model_fn
+
+
+def guidance_test(process: Process,
+                  interval: tuple[float, float] | None) -> Callable[[torch.Tensor], bool] | None:
+    """The guidance-interval test on the model's timestep input (None: guide everywhere)."""
+    if interval is None:
+        return None
+    return lambda t_model: process.in_guidance_interval(t_model, interval)
