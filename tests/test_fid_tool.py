@@ -12,7 +12,8 @@ import numpy as np
 import pytest
 
 from latentdit.cli import run_main
-from latentdit.metrics import FeatureStats, frechet_distance, load_stats, save_stats
+from latentdit.errors import LatentDiTError
+from latentdit.metrics import FeatureStats, MetricSettings, frechet_distance, load_stats, save_stats
 from metrics_fakes import random_images, use_fake_detector, write_folder
 
 TOOL = Path(__file__).resolve().parents[1] / "tools" / "fid.py"
@@ -132,6 +133,16 @@ def test_bad_input_exits_2_with_a_message(tmp_path, capsys, argv, message):
     assert code == 2 and message.format(tmp=tmp_path) in err
 
 
+def test_cache_folder_that_is_a_file_is_refused_before_any_feature(tmp_path, capsys, monkeypatch):
+    fake = use_fake_detector(monkeypatch)
+    ref = write_folder(tmp_path / "ref", random_images(4, seed=1))
+    (tmp_path / "cache").write_text("a file where the cache folder belongs")
+    code, _, err = _run([str(ref), str(ref), "--cache-dir", str(tmp_path / "cache" / "fid"), "--quiet"], capsys)
+    assert code == 2 and f"{tmp_path / 'cache'} is a file, not a folder" in err and fake.calls == 0
+    with pytest.raises(LatentDiTError, match="feature cache folder .* exists and is not a folder"):
+        MetricSettings(cache_dir=tmp_path / "cache")
+
+
 @pytest.mark.parametrize("name", ["samples.npz", "samples.bin"])
 def test_truncated_npz_is_called_damaged(tmp_path, capsys, name):
     np.savez(tmp_path / "whole.npz", arr_0=random_images(6, seed=4))
@@ -151,7 +162,6 @@ def test_script_entry_point_exit_status(tmp_path):
 
 @pytest.mark.slow
 def test_real_detector_end_to_end_on_two_tiny_folders(tmp_path):
-    from latentdit.errors import LatentDiTError
     from latentdit.metrics import default_detector_path
 
     try:
@@ -172,7 +182,6 @@ def test_real_detector_end_to_end_on_two_tiny_folders(tmp_path):
 
 @pytest.mark.slow
 def test_real_detector_rgba_folder_against_the_same_images_on_white(tmp_path):
-    from latentdit.errors import LatentDiTError
     from latentdit.metrics import default_detector_path
 
     try:

