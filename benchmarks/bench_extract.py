@@ -6,7 +6,7 @@ box/bicubic resize and the center crop run as for real data), for each VAE:
 * baseline (how the fast-DiT extract script works): a DataLoader with batch size 1, the diffusers
   model as loaded (default memory format), one ``encode(x).latent_dist.sample()`` call per image,
   one ``np.save`` file per image;
-* ours: :func:`latentdit.data.extract.extract_latents` at batch sizes 1, 8, 32 — DataLoader workers
+* ours: :func:`latentdit.extraction.extract_latents` at batch sizes 1, 8, 32 — DataLoader workers
   decode, the encoder gets whole batches, moments go to float16 safetensors shards.
 
 VAEs: the bundled KL-f8 (skipped with a message when its weights are not installed) and an
@@ -98,11 +98,11 @@ def encoder_flops(vae: Any, image_size: int) -> float:
 
 
 def ours(vae: Any, folder: Path, out: Path, image_size: int, batch_size: int, num_workers: int, flip: bool) -> float:
-    from latentdit.data.extract import extract_latents
+    from latentdit.extraction import ExtractionSettings, extract_latents
 
-    report = extract_latents(folder, out, vae=vae, image_size=image_size, batch_size=batch_size,
-                             num_workers=num_workers, flip=flip, dtype="float16", use_accelerate=False,
-                             progress=False, device=vae.device)
+    report = extract_latents(ExtractionSettings(folder, out, image_size=image_size, batch_size=batch_size,
+                                                num_workers=num_workers, flip=flip, dtype="float16",
+                                                use_accelerate=False, progress=False, device=vae.device), vae=vae)
     return report.images_per_s
 
 

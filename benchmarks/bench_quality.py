@@ -14,10 +14,13 @@ is resumable: rerunning skips finished work (extraction shards, checkpoints, sam
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 from latentdit.cli import finite_float, make_parser, non_negative_float, positive_int, run_main
-from latentdit.pipeline import Demo, DemoSettings
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
+from demo import Demo, DemoSettings  # noqa: E402  (tools/demo.py)
 
 
 def main(argv=None) -> int:

@@ -30,7 +30,9 @@ import torch
 from latentdit.cli import make_parser, non_negative_float, positive_int, run_main
 from latentdit.errors import LatentDiTError
 from latentdit.io import atomic_path, read_json, write_json
-from latentdit.pipeline import REPO_ROOT, Demo, DemoSettings, _accelerate_launch, _tool
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
+from demo import REPO_ROOT, Demo, DemoSettings, _accelerate_launch, _tool  # noqa: E402  (tools/demo.py)
 
 EPS = "configs/fashion_mnist_eps.yaml"
 FLOW = ("diffusion.process=flow", "model.learn_sigma=false")

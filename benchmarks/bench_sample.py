@@ -131,11 +131,11 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     vae = None
     if args.fid_ref is not None:
-        from latentdit.metrics import compute_metrics, load_source
+        from latentdit.metrics import FeatureSettings, MetricSettings, compute_metrics, load_source
 
         vae = load_vae_for(ckpt, args.vae, device=device)
         # reference features once (cached on disk), reused for every sampler
-        ref_stats = load_source(args.fid_ref, need_features=True, device=device)
+        ref_stats = load_source(args.fid_ref, FeatureSettings(device=device), need_features=True)
 
     rows = []
     for name, steps in specs:
@@ -152,8 +152,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 ckpt, fid_labels, settings[name, steps], seed=args.seed,
                 batch_size=args.fid_batch_size or args.batch_size, device=device, progress=True, **common)
             images = S.decode_to_uint8(vae, latents.to(device), batch_size=args.fid_batch_size or args.batch_size)
-            m = compute_metrics(ref_stats, images, pr=False, kid_subset_size=min(1000, args.fid_samples),
-                                device=device)
+            m = compute_metrics(ref_stats, images, MetricSettings(pr=False, kid_subset_size=min(1000, args.fid_samples),
+                                                                  device=device))
             row.update(fid=m["fid"], kid_mean=m["kid_mean"], kid_std=m["kid_std"], fid_samples=args.fid_samples,
                        fid_sampling_s=fid_seconds)
             print(f"{name}-{steps}: FID {m['fid']:.3f}", flush=True)

@@ -86,7 +86,7 @@ def main(argv=None) -> int:
     p.add_argument("--note", default="", help="text added to the model card entry (e.g. the load it was measured under)")
     args = p.parse_args(argv)
 
-    from latentdit.metrics import compute_metrics, load_source
+    from latentdit.metrics import MetricSettings, compute_metrics, load_source
 
     first = VAE.load(args.vae[0])
     card_path = (first.folder / BUNDLED_VAE_CARD_JSON) if first.folder is not None else None
@@ -107,14 +107,14 @@ def main(argv=None) -> int:
     print(f"{what}, {size}x{size}; metrics: PSNR, FID/KID x1000/precision/recall (latentdit.metrics)", flush=True)
 
     def features(images: torch.Tensor):  # Inception features of each set once (the slow part)
-        return load_source(_to_uint8_hwc(images), batch_size=args.batch_size, progress=False)
+        return load_source(_to_uint8_hwc(images), common)
 
-    common = dict(batch_size=args.batch_size, progress=False, kid_subset_size=min(1000, n))
+    common = MetricSettings(batch_size=args.batch_size, progress=False, kid_subset_size=min(1000, n))
     original_features = features(originals)
     rows = []
     if reference is not None:
         reference = features(reference)
-        m = compute_metrics(reference, original_features, **common)
+        m = compute_metrics(reference, original_features, common)
         rows.append(("original images", None, m, None))
     for spec in args.vae:
         vae = VAE.load(spec)
@@ -123,8 +123,8 @@ def main(argv=None) -> int:
         seconds = time.perf_counter() - t0
         value = float(psnr(recon, originals).mean())
         recon_features = features(recon)
-        rfid = compute_metrics(original_features, recon_features, **common)
-        demo = compute_metrics(reference, recon_features, **common) if reference is not None else None
+        rfid = compute_metrics(original_features, recon_features, common)
+        demo = compute_metrics(reference, recon_features, common) if reference is not None else None
         rows.append((spec, value, rfid, demo))
         print(f"{spec}: PSNR {value:.2f} dB; rFID {rfid['fid']:.1f}, rKID x1000 {1000 * rfid['kid_mean']:.1f} "
               f"(recon vs the same {n} originals); encode+decode {n / seconds:.1f} img/s", flush=True)

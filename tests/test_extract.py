@@ -1,4 +1,4 @@
-"""tools/extract.py and latentdit.data.extract: shards, flips, resume, bad files, refusals, 2 processes."""
+"""tools/extract.py and latentdit.extraction: shards, flips, resume, bad files, refusals, 2 processes."""
 
 from __future__ import annotations
 
@@ -14,10 +14,10 @@ import pytest
 import torch
 from PIL import Image
 
-from latentdit.data.extract import extract_latents
 from latentdit.data.images import center_crop_arr, array_to_tensor
 from latentdit.data.latents import MANIFEST_NAME, list_shards, read_manifest, read_shard_metadata
 from latentdit.errors import LatentDiTError
+from latentdit.extraction import ExtractionSettings, extract_latents
 from latentdit.io import load_safetensors
 
 REPO = Path(__file__).resolve().parents[1]
@@ -66,11 +66,12 @@ def images(tmp_path) -> Path:
     return make_image_folder(tmp_path / "images")
 
 
-def run(data, out, vae, **kw):
+def run(data, out, vae, on_shard_written=None, **kw):
     kw.setdefault("image_size", IMAGE_SIZE)
     kw.setdefault("batch_size", 4)
     kw.setdefault("shard_size", 6)
-    return extract_latents(data, out, vae=vae, use_accelerate=False, progress=False, **kw)
+    return extract_latents(ExtractionSettings(data, out, use_accelerate=False, progress=False, **kw), vae=vae,
+                           on_shard_written=on_shard_written)
 
 
 def load_all(out: Path) -> dict[str, torch.Tensor]:
@@ -262,3 +263,37 @@ def test_two_process_extraction_matches_one_process(images, vae_dir, vae, tmp_pa
     assert torch.equal(a["indices"], b["indices"]) and torch.equal(a["labels"], b["labels"])
     torch.testing.assert_close(a["mean"].float(), b["mean"].float(), rtol=2e-3, atol=1e-4)
     torch.testing.assert_close(a["std"].float(), b["std"].float(), rtol=2e-3, atol=1e-6)
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("dtype", "bfloat16", "--dtype must be one of"),
+    ("latent_norm", "per-pixel", "--latent-norm must be one of scalar, per-channel"),
+    ("batch_size", 0, "batch_size must be a positive integer"),
+    ("shard_size", 0, "shard_size must be a positive integer"),
+    ("image_size", 0, "image_size must be a positive integer"),
+    ("num_workers", -1, "num_workers must be >= 0"),
+    ("limit", 0, "--limit must be a positive integer"),
+])
+def test_settings_are_checked_when_made(tmp_path, field, value, message):
+    with pytest.raises(LatentDiTError, match=message):
+        ExtractionSettings("fashion-mnist", tmp_path / "out", **{field: value})
+    assert not (tmp_path / "out").exists()
+
+
+def test_rgba_images_are_encoded_as_the_same_images_on_white(vae, tmp_path):
+    """Extraction reads files with the project's one image reader: transparency composited on white."""
+    rng = np.random.default_rng(3)
+    for name in ("rgba", "white"):
+        (tmp_path / name).mkdir()
+    for i in range(3):
+        rgba = rng.integers(0, 256, (IMAGE_SIZE, IMAGE_SIZE, 4), dtype=np.uint8)
+        rgba[..., 3] = np.where(rng.random((IMAGE_SIZE, IMAGE_SIZE)) < 0.5, 0, rgba[..., 3])
+        image = Image.fromarray(rgba, "RGBA")
+        image.save(tmp_path / "rgba" / f"{i}.png")
+        white = Image.new("RGB", image.size, (255, 255, 255))
+        white.paste(image, mask=image.getchannel("A"))
+        white.save(tmp_path / "white" / f"{i}.png")
+    run(tmp_path / "rgba", tmp_path / "lat-rgba", vae, dtype="float32")
+    run(tmp_path / "white", tmp_path / "lat-white", vae, dtype="float32")
+    a, b = load_all(tmp_path / "lat-rgba"), load_all(tmp_path / "lat-white")
+    assert torch.equal(a["mean"], b["mean"]) and torch.equal(a["std"], b["std"])

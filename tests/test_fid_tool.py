@@ -12,7 +12,8 @@ import numpy as np
 import pytest
 
 from latentdit.cli import run_main
-from latentdit.metrics import FeatureStats, frechet_distance, load_stats, save_stats
+from latentdit.errors import LatentDiTError
+from latentdit.metrics import FeatureStats, MetricSettings, frechet_distance, load_stats, save_stats
 from metrics_fakes import random_images, use_fake_detector, write_folder
 
 TOOL = Path(__file__).resolve().parents[1] / "tools" / "fid.py"
@@ -85,6 +86,40 @@ def test_save_stats_alone(tmp_path, capsys, monkeypatch):
     assert stats.features is None and stats.num_samples == 5 and stats.mu.shape == (4,)
 
 
+def _rgba_and_white_folders(root: Path, n: int = 8, size: int = 32) -> tuple[Path, Path, Path]:
+    """The same drawings three ways: RGBA with random colours stored under transparent pixels, composited on
+    white, and with the alpha channel simply dropped."""
+    from PIL import Image
+
+    rng = np.random.default_rng(11)
+    folders = [root / "rgba", root / "white", root / "alpha-dropped"]
+    for folder in folders:
+        folder.mkdir(parents=True)
+    for i in range(n):
+        rgba = rng.integers(0, 256, (size, size, 4), dtype=np.uint8)
+        rgba[..., 3] = np.where(rng.random((size, size)) < 0.5, 0, rng.integers(1, 256, (size, size)))
+        image = Image.fromarray(rgba, "RGBA")
+        image.save(folders[0] / f"{i:03d}.png")
+        white = Image.new("RGB", image.size, (255, 255, 255))
+        white.paste(image, mask=image.getchannel("A"))
+        white.save(folders[1] / f"{i:03d}.png")
+        image.convert("RGB").save(folders[2] / f"{i:03d}.png")
+    return tuple(folders)
+
+
+def test_rgba_folder_scores_like_the_same_images_on_white(tmp_path, capsys, monkeypatch):
+    """The metrics read image files as extraction and VAE training do (alpha composited on white)."""
+    use_fake_detector(monkeypatch)
+    rgba, white, dropped = _rgba_and_white_folders(tmp_path)
+    code, _, _ = _run([str(rgba), str(white), "--no-cache", "--quiet", "--no-pr", "--kid-subsets", "3",
+                       "--json", str(tmp_path / "same.json")], capsys)
+    assert code == 0
+    assert json.loads((tmp_path / "same.json").read_text())["fid"] == pytest.approx(0.0, abs=1e-9)
+    code, _, _ = _run([str(rgba), str(dropped), "--no-cache", "--quiet", "--no-kid", "--no-pr",
+                       "--json", str(tmp_path / "dropped.json")], capsys)
+    assert code == 0 and json.loads((tmp_path / "dropped.json").read_text())["fid"] > 1e-3
+
+
 @pytest.mark.parametrize("argv, message", [
     (["{tmp}/missing_folder", "{tmp}"], "no such file or folder: {tmp}/missing_folder"),
     (["{tmp}/bad.npz", "{tmp}/bad.npz"], "has neither 'arr_0'"),
@@ -96,6 +131,16 @@ def test_bad_input_exits_2_with_a_message(tmp_path, capsys, argv, message):
     (tmp_path / "empty").mkdir()
     code, _, err = _run([a.format(tmp=tmp_path) for a in argv] + ["--no-cache"], capsys)
     assert code == 2 and message.format(tmp=tmp_path) in err
+
+
+def test_cache_folder_that_is_a_file_is_refused_before_any_feature(tmp_path, capsys, monkeypatch):
+    fake = use_fake_detector(monkeypatch)
+    ref = write_folder(tmp_path / "ref", random_images(4, seed=1))
+    (tmp_path / "cache").write_text("a file where the cache folder belongs")
+    code, _, err = _run([str(ref), str(ref), "--cache-dir", str(tmp_path / "cache" / "fid"), "--quiet"], capsys)
+    assert code == 2 and f"{tmp_path / 'cache'} is a file, not a folder" in err and fake.calls == 0
+    with pytest.raises(LatentDiTError, match="feature cache folder .* exists and is not a folder"):
+        MetricSettings(cache_dir=tmp_path / "cache")
 
 
 @pytest.mark.parametrize("name", ["samples.npz", "samples.bin"])
@@ -117,7 +162,6 @@ def test_script_entry_point_exit_status(tmp_path):
 
 @pytest.mark.slow
 def test_real_detector_end_to_end_on_two_tiny_folders(tmp_path):
-    from latentdit.errors import LatentDiTError
     from latentdit.metrics import default_detector_path
 
     try:
@@ -134,3 +178,22 @@ def test_real_detector_end_to_end_on_two_tiny_folders(tmp_path):
     assert r["num_a"] == r["num_b"] == 4 and r["fid"] > 0 and r["kid_std"] >= 0
     assert "FID from 4 samples with 2048-d features" in proc.stdout
     assert len(list((tmp_path / "cache").glob("*.npz"))) == 2
+
+
+@pytest.mark.slow
+def test_real_detector_rgba_folder_against_the_same_images_on_white(tmp_path):
+    from latentdit.metrics import default_detector_path
+
+    try:
+        default_detector_path()
+    except LatentDiTError as e:
+        pytest.skip(str(e))
+    rgba, white, dropped = _rgba_and_white_folders(tmp_path, n=4)
+    results = {}
+    for other in (white, dropped):
+        proc = subprocess.run([sys.executable, str(TOOL), str(rgba), str(other), "--no-pr", "--no-kid",
+                               "--device", "cpu", "--no-cache", "--quiet", "--json", str(tmp_path / "r.json")],
+                              capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, proc.stderr
+        results[other.name] = json.loads((tmp_path / "r.json").read_text())["fid"]
+    assert abs(results["white"]) < 1e-3 and results["alpha-dropped"] > 1.0

@@ -16,6 +16,8 @@ from latentdit.data.images import (
     array_to_tensor,
     center_crop_arr,
     load_image_file,
+    read_rgb,
+    read_size,
     to_rgb,
 )
 from latentdit.errors import LatentDiTError
@@ -160,3 +162,18 @@ def test_flat_folder_split_folders_and_empty_folder(tmp_path):
         FlatFolderDataset(empty, 8)
     with pytest.raises(LatentDiTError, match="missing-dir"):
         build_image_dataset(tmp_path / "missing-dir", image_size=8)
+
+
+def test_read_rgb_and_read_size_name_the_file_and_the_reason(tmp_path):
+    path = tmp_path / "drawing.png"
+    rgba = np.zeros((3, 5, 4), np.uint8)
+    rgba[..., 0] = 255  # red stored under fully transparent pixels
+    Image.fromarray(rgba, "RGBA").save(path)
+    assert read_size(path) == (5, 3)
+    assert pixels(read_rgb(path)).tolist() == [[[255, 255, 255]] * 5] * 3  # white, not the stored red
+    (tmp_path / "empty.png").write_bytes(b"")
+    (tmp_path / "text.png").write_text("hello")
+    with pytest.raises(LatentDiTError, match=r"could not read image .*empty\.png: empty file"):
+        read_rgb(tmp_path / "empty.png")
+    with pytest.raises(LatentDiTError, match=r"could not read image .*text\.png: not a recognised image format"):
+        read_size(tmp_path / "text.png")

@@ -11,7 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
-from latentdit.data.extract import extract_latents
+from latentdit.extraction import ExtractionSettings, extract_latents
 from latentdit.data.latents import MANIFEST_NAME, LatentDataset, read_manifest
 from latentdit.errors import LatentDiTError
 from latentdit.io import load_safetensors
@@ -38,8 +38,9 @@ def latent_dir(tmp_path_factory) -> Path:
         (base / "images" / c).mkdir(parents=True)
         for i in range(6):
             Image.fromarray(rng.integers(0, 256, (20, 24, 3), dtype=np.uint8)).save(base / "images" / c / f"{i}.png")
-    extract_latents(base / "images", base / "out", vae=VAE.load(base / "vae"), image_size=IMAGE_SIZE, batch_size=4,
-                    shard_size=5, dtype="float32", use_accelerate=False, progress=False)
+    extract_latents(ExtractionSettings(base / "images", base / "out", image_size=IMAGE_SIZE, batch_size=4,
+                                       shard_size=5, dtype="float32", use_accelerate=False, progress=False),
+                    vae=VAE.load(base / "vae"))
     return base / "out"
 
 

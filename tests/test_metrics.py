@@ -18,11 +18,15 @@ from PIL import Image
 import latentdit.metrics.inception as inception
 import latentdit.metrics.scores as scores
 from latentdit.errors import LatentDiTError
-from latentdit.metrics import (FeatureStats, compute_metrics, compute_stats, extract_features, frechet_distance, kid,
-                               load_source, load_stats, open_source, precision_recall, save_stats, tf_bilinear_resize,
-                               verify_detector)
-from latentdit.metrics.features import FolderImages, NpzImages
+from latentdit.data.images import read_rgb
+from latentdit.metrics import (FeatureSettings, FeatureStats, MetricSettings, compute_metrics, compute_stats,
+                               extract_features, frechet_distance, kid, load_source, load_stats, open_source,
+                               precision_recall, save_stats, tf_bilinear_resize, verify_detector)
+from latentdit.metrics.sources import FolderImages, NpzImages
 from metrics_fakes import random_images, use_fake_detector, write_folder
+
+QUIET = FeatureSettings(progress=False)
+NO_CACHE = FeatureSettings(cache_dir=None, progress=False)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -130,13 +134,34 @@ def _brute_force_mmd2(x: np.ndarray, y: np.ndarray) -> float:
     return xx + yy - 2 * xy
 
 
+def _brute_force_mmd2_fast(x, y):
+    """The whole-set unbiased MMD² with matrices (same formula as _brute_force_mmd2)."""
+    m = x.shape[0]
+    k_xx, k_yy, k_xy = ((u @ v.T / x.shape[1] + 1) ** 3 for u, v in ((x, x), (y, y), (x, y)))
+    return (k_xx.sum() - np.trace(k_xx) + k_yy.sum() - np.trace(k_yy)) / (m * (m - 1)) - 2 * k_xy.sum() / (m * m)
+
+
 def test_kid_equals_unbiased_mmd2_of_the_polynomial_kernel():
     rng = np.random.default_rng(2)
     x, y = rng.standard_normal((6, 5)), rng.standard_normal((6, 5)) + 0.3
-    result = kid(x, y, num_subsets=3, subset_size=6)  # every subset is the whole set
-    assert result.mean == pytest.approx(_brute_force_mmd2(x, y), rel=1e-10)
-    assert result.std == pytest.approx(0.0, abs=1e-12)
-    assert (result.num_subsets, result.subset_size) == (3, 6)
+    result = kid(x, y, num_subsets=3, subset_size=6, seed=5)
+    assert (result.num_subsets, result.subset_size) == (3, 3)  # at most half of each set
+    draws = np.random.default_rng(5)  # the subsets kid draws, drawn again
+    values = []
+    for _ in range(3):
+        ia, ib = draws.choice(6, 3, replace=False), draws.choice(6, 3, replace=False)
+        values.append(_brute_force_mmd2(x[ia], y[ib]))
+    assert result.mean == pytest.approx(np.mean(values), rel=1e-10)
+    assert result.std == pytest.approx(np.std(values), rel=1e-10) and result.std > 0
+
+
+def test_kid_mean_over_subsets_estimates_the_whole_set_value():
+    rng = np.random.default_rng(12)
+    x, y = rng.standard_normal((6, 3)), rng.standard_normal((6, 3)) + 0.5
+    # every pair of rows is equally likely to be drawn: the subsets' mean converges on the full-set estimate
+    result = kid(x, y, num_subsets=20000, subset_size=6, seed=1)
+    assert result.mean == pytest.approx(_brute_force_mmd2(x, y), rel=0.02)
+    assert _brute_force_mmd2_fast(x, y) == pytest.approx(_brute_force_mmd2(x, y), rel=1e-10)
 
 
 def test_kid_is_unbiased_and_separates_distributions():
@@ -149,15 +174,32 @@ def test_kid_is_unbiased_and_separates_distributions():
     assert shifted.mean > 20 * abs(same.mean)
 
 
-def test_kid_is_seeded_and_caps_the_subset_size():
+def test_kid_is_seeded_and_caps_the_subset_size_at_half_the_smaller_set():
     rng = np.random.default_rng(4)
     a, b = rng.standard_normal((40, 4)), rng.standard_normal((30, 4))
-    assert kid(a, b, num_subsets=5, subset_size=20, seed=7) == kid(a, b, num_subsets=5, subset_size=20, seed=7)
-    assert kid(a, b, num_subsets=5, subset_size=1000).subset_size == 30
+    assert kid(a, b, num_subsets=5, subset_size=10, seed=7) == kid(a, b, num_subsets=5, subset_size=10, seed=7)
+    assert kid(a, b, num_subsets=5, subset_size=10).subset_size == 10
+    assert kid(a, b, num_subsets=5, subset_size=1000).subset_size == 15
+    assert kid(a[:3], b[:2], num_subsets=2).subset_size == 2  # never below 2
     with pytest.raises(LatentDiTError, match="different dimensions"):
         kid(a, rng.standard_normal((30, 5)))
     with pytest.raises(LatentDiTError, match="num_subsets must be ≥ 1"):
         kid(a, b, num_subsets=0)
+
+
+def test_kid_spread_of_the_demo_protocol_is_not_zero():
+    """500 vs 500 with the defaults (100 subsets of up to 1000): subsets of 250 that differ, so a spread;
+    with 50k-image sets the standard 100 subsets of 1000."""
+    rng = np.random.default_rng(9)
+    a, b = rng.standard_normal((500, 16)), rng.standard_normal((500, 16)) + 0.2
+    result = kid(a, b)
+    assert result.subset_size == 250 and result.std > 0.05 * result.mean > 0
+    assert scores.kid_subset_size(1000, 50000, 50000) == 1000
+    # subsets of half the sets (finite-population correction ½) spread about as much as the whole-set value
+    # does over fresh pairs of 500-row sets: "±" is close to the standard error of the number reported
+    fresh = [_brute_force_mmd2_fast(rng.standard_normal((500, 16)), rng.standard_normal((500, 16)) + 0.2)
+             for _ in range(40)]
+    assert 0.7 < result.std / np.std(fresh) < 1.7
 
 
 # ---------------------------------------------------------------------------------------------
@@ -249,13 +291,13 @@ def test_adm_reference_batch_uses_its_mu_sigma_and_its_images_for_kid(tmp_path, 
     np.savez(tmp_path / "ref.npz", arr_0=images, mu=mu, sigma=sigma)  # like VIRTUAL_imagenet256_labeled.npz
     other = FeatureStats.from_features(rng.standard_normal((30, 4)), "other")
 
-    r = compute_metrics(tmp_path / "ref.npz", other, kid=False, pr=False, cache_dir=None)
+    r = compute_metrics(tmp_path / "ref.npz", other, MetricSettings(kid=False, pr=False, cache_dir=None))
     assert fake.calls == 0  # mu/sigma used as they are: no network run
     assert r["fid"] == pytest.approx(frechet_distance(mu, sigma, other.mu, other.sigma), rel=1e-12)
     assert r["num_a"] == 12
 
-    r = compute_metrics(tmp_path / "ref.npz", tmp_path / "ref.npz", kid=True, pr=True, kid_subsets=4,
-                        cache_dir=None, progress=False)
+    r = compute_metrics(tmp_path / "ref.npz", tmp_path / "ref.npz",
+                        MetricSettings(kid=True, pr=True, kid_subsets=4, cache_dir=None, progress=False))
     assert fake.calls == 24  # features from arr_0, computed for each side (no cache)
     assert r["fid"] == pytest.approx(0.0, abs=1e-9)
     assert r["precision"] == r["recall"] == 1.0
@@ -265,15 +307,15 @@ def test_adm_reference_batch_uses_its_mu_sigma_and_its_images_for_kid(tmp_path, 
 def test_stats_only_side_reports_fid_only_with_a_note(tmp_path, monkeypatch):
     use_fake_detector(monkeypatch)
     folder = write_folder(tmp_path / "imgs", random_images(6, seed=3))
-    stats = load_source(folder, cache_dir=None, progress=False)
+    stats = load_source(folder, NO_CACHE)
     save_stats(stats, tmp_path / "stats.npz")
-    r = compute_metrics(folder, tmp_path / "stats.npz", cache_dir=None, progress=False)
+    r = compute_metrics(folder, tmp_path / "stats.npz", MetricSettings(cache_dir=None, progress=False))
     assert r["fid"] == pytest.approx(0.0, abs=1e-9)
     assert r["kid_mean"] is None and r["precision"] is None
     assert "KID and precision/recall need features of both sets" in r["notes"][0]
     assert f"B ({tmp_path / 'stats.npz'}) has statistics (mu, sigma) only" in r["notes"][0]
     save_stats(stats, tmp_path / "feats.npz", include_features=True)
-    r = compute_metrics(folder, tmp_path / "feats.npz", kid_subsets=3, cache_dir=None, progress=False)
+    r = compute_metrics(folder, tmp_path / "feats.npz", MetricSettings(kid_subsets=3, cache_dir=None, progress=False))
     assert r["precision"] == r["recall"] == 1.0 and r["notes"] == []
 
 
@@ -281,14 +323,14 @@ def test_dimension_mismatch_between_inputs(tmp_path):
     a = FeatureStats.from_features(np.random.rand(5, 3), "a")
     b = FeatureStats.from_features(np.random.rand(5, 4), "b")
     with pytest.raises(LatentDiTError, match="different dimensions: A .* 3, B .* 4"):
-        compute_metrics(a, b, cache_dir=None)
+        compute_metrics(a, b, MetricSettings(cache_dir=None))
 
 
 def test_too_few_samples_for_precision_recall_is_a_note():
     rng = np.random.default_rng(8)
     a = FeatureStats.from_features(rng.standard_normal((3, 2)), "a")
     b = FeatureStats.from_features(rng.standard_normal((9, 2)), "b")
-    r = compute_metrics(a, b, kid_subsets=2, cache_dir=None)
+    r = compute_metrics(a, b, MetricSettings(kid_subsets=2, cache_dir=None))
     assert r["precision"] is None and "needs more than 3 samples" in r["notes"][0]
 
 
@@ -296,7 +338,7 @@ def test_too_few_samples_for_precision_recall_is_a_note():
 # Image folders
 # ---------------------------------------------------------------------------------------------
 
-def test_folder_is_recursive_sorted_and_converted_to_rgb(tmp_path, monkeypatch):
+def test_folder_is_recursive_sorted_and_read_like_extraction(tmp_path, monkeypatch):
     root = tmp_path / "set"
     (root / "b").mkdir(parents=True)
     Image.fromarray(np.full((4, 4), 200, np.uint8), "L").save(root / "b" / "grey.png")
@@ -307,7 +349,10 @@ def test_folder_is_recursive_sorted_and_converted_to_rgb(tmp_path, monkeypatch):
     assert [p.relative_to(root).as_posix() for p in src.files] == ["a.png", "b/grey.png", "c.JPG"]
     batch = next(iter(src.batches(8)))
     assert batch.shape == (3, 4, 4, 3) and batch.dtype == torch.uint8
-    assert batch[0].unique().tolist() == [50] and batch[1].unique().tolist() == [200]
+    # alpha 50 of 255 over white, as extraction and VAE training read it: 50·50/255 + 255·205/255 ≈ 215
+    assert batch[0].unique().tolist() == [215] and batch[1].unique().tolist() == [200]
+    for i, path in enumerate(src.files):
+        assert np.array_equal(batch[i].numpy(), np.asarray(read_rgb(path)))
 
 
 def test_folder_with_mixed_sizes_names_two_files(tmp_path):
@@ -341,34 +386,34 @@ def test_folder_with_unreadable_image(tmp_path):
 def test_in_memory_layouts_agree_and_float_input_is_refused(monkeypatch):
     use_fake_detector(monkeypatch)
     images = random_images(5, seed=4)
-    nhwc = extract_features(images, batch_size=2, progress=False)
-    nchw = extract_features(torch.from_numpy(images).permute(0, 3, 1, 2), progress=False)
-    batches = extract_features(iter([images[:3], images[3:]]), progress=False)
+    nhwc = extract_features(images, FeatureSettings(batch_size=2, progress=False))
+    nchw = extract_features(torch.from_numpy(images).permute(0, 3, 1, 2), QUIET)
+    batches = extract_features(iter([images[:3], images[3:]]), QUIET)
     np.testing.assert_array_equal(nhwc, nchw)
     np.testing.assert_array_equal(nhwc, batches)
-    assert compute_stats(images, progress=False).num_samples == 5
+    assert compute_stats(images, QUIET).num_samples == 5
     with pytest.raises(LatentDiTError, match="expected uint8 pixel values"):
-        extract_features(images.astype(np.float32), progress=False)
+        extract_features(images.astype(np.float32), QUIET)
 
 
 def test_feature_cache_hits_misses_and_survives_corruption(tmp_path, monkeypatch):
     fake = use_fake_detector(monkeypatch)
     folder = write_folder(tmp_path / "imgs", random_images(4, seed=5))
     cache = tmp_path / "cache"
-    first = load_source(folder, cache_dir=cache, progress=False)
+    first = load_source(folder, FeatureSettings(cache_dir=cache, progress=False))
     assert fake.calls == 4 and len(list(cache.glob("*.npz"))) == 1
-    second = load_source(folder, cache_dir=cache, progress=False)
+    second = load_source(folder, FeatureSettings(cache_dir=cache, progress=False))
     assert fake.calls == 4  # from the cache
     np.testing.assert_array_equal(first.features, second.features)
     Image.fromarray(random_images(1, seed=9)[0]).save(folder / "0000.png")  # new content, same name
-    load_source(folder, cache_dir=cache, progress=False)
+    load_source(folder, FeatureSettings(cache_dir=cache, progress=False))
     assert fake.calls == 8 and len(list(cache.glob("*.npz"))) == 2
     for f in cache.glob("*.npz"):
         f.write_bytes(b"garbage")
     with pytest.warns(RuntimeWarning, match="ignoring unreadable FID cache file"):
-        load_source(folder, cache_dir=cache, progress=False)
+        load_source(folder, FeatureSettings(cache_dir=cache, progress=False))
     assert fake.calls == 12
-    load_source(folder, cache_dir=None, progress=False)
+    load_source(folder, NO_CACHE)
     assert fake.calls == 16
 
 

@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from latentdit.errors import LatentDiTError
-from latentdit.metrics import DETECTOR_SHA256, FEATURE_DIM, InceptionDetector, extract_features, verify_detector
+from latentdit.metrics import (DETECTOR_SHA256, FEATURE_DIM, FeatureSettings, InceptionDetector, extract_features,
+                               verify_detector)
 from latentdit.metrics.inception import default_detector_path
 from metrics_fakes import random_images
 
@@ -38,7 +39,7 @@ def test_detector_features_shape_determinism_and_batching():
     assert feats.shape == (4, FEATURE_DIM) and feats.dtype == torch.float32
     assert (feats >= 0).all()  # pool3 follows a ReLU
     # Deterministic, and independent of the batch the images are in (first two again, in a batch of 2).
-    again = extract_features(images[:2], batch_size=2, device="cpu", progress=False)
+    again = extract_features(images[:2], FeatureSettings(batch_size=2, device="cpu", progress=False))
     np.testing.assert_allclose(again, feats[:2].numpy(), rtol=1e-5, atol=1e-6)
     # Different images give different features.
     assert not torch.allclose(feats[0], feats[1])

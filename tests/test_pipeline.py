@@ -1,21 +1,37 @@
-"""The end-to-end demo's orchestration: stage commands, resumability hooks, and the report."""
+"""tools/demo.py, the end-to-end demo's orchestration: stage commands, resumability hooks, and the report."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import sys
+from pathlib import Path
 
 import pytest
 from PIL import Image
 
 from latentdit.errors import LatentDiTError
-from latentdit.pipeline import REPO_ROOT, Demo, DemoSettings, StageResult, _display
 from latentdit.visualize import save_line_plot
+
+TOOL = Path(__file__).resolve().parents[1] / "tools" / "demo.py"
+
+
+def _load_tool():
+    spec = importlib.util.spec_from_file_location("demo_tool", TOOL)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # its dataclasses look their module up while being built
+    spec.loader.exec_module(module)
+    return module
+
+
+demo_tool = _load_tool()
+REPO_ROOT, Demo, DemoSettings, StageResult = (demo_tool.REPO_ROOT, demo_tool.Demo, demo_tool.DemoSettings,
+                                              demo_tool.StageResult)
 
 
 def test_commands_are_shown_as_a_user_types_them():
     cmd = [sys.executable, str(REPO_ROOT / "tools" / "train.py"), f"data.latents={REPO_ROOT}/demo_output/x", "/tmp/y"]
-    assert _display(cmd) == "python tools/train.py data.latents=demo_output/x /tmp/y"
+    assert demo_tool._display(cmd) == "python tools/train.py data.latents=demo_output/x /tmp/y"
 
 
 def test_train_stage_uses_accelerate_and_resumes(tmp_path, monkeypatch):
@@ -60,11 +76,13 @@ def test_report_has_grid_loss_curve_metrics_and_commands(tmp_path):
     for scale, fid in ((1.0, 80.0), (3.0, 40.0)):
         demo.metrics_json(scale).parent.mkdir(parents=True, exist_ok=True)
         demo.metrics_json(scale).write_text(json.dumps({"fid": fid, "kid_mean": fid / 1e4, "kid_std": 1e-4,
+                                                        "kid_subsets": 100, "kid_subset_size": 250,
                                                         "precision": 0.5, "recall": 0.25}))
     demo.results.append(StageResult("train", "accelerate launch tools/train.py ...", 12.5))
     report = demo.stage_report()
     text = report.read_text()
     assert "| 1 | 80.00 | 8.00 ± 0.10 | 0.500 | 0.250 |" in text
+    assert "standard deviation of its estimate over 100 random subsets of 250 images of each set" in text
     assert "| 3 | 40.00 |" in text and "`accelerate launch tools/train.py ...`" in text
     assert Image.open(demo.report_dir / "loss.png").size == (640, 400)
     assert (demo.report_dir / "config.yaml").read_text() == "name: x\n"
@@ -100,20 +118,11 @@ def test_a_finished_training_run_is_not_trained_again(tmp_path, monkeypatch):
     assert demo.checkpoint() == demo.run_dir / "checkpoints" / "step-0000010" / "ema.safetensors"
 
 
-def _demo_tool():
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("demo_tool", REPO_ROOT / "tools" / "demo.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def _demo_user_error(argv, capsys) -> str:
     from latentdit.cli import run_main
 
     with pytest.raises(SystemExit) as e:
-        run_main(_demo_tool().main, argv)
+        run_main(demo_tool.main, argv)
     err = capsys.readouterr().err
     assert e.value.code == 2 and len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
     return err.strip()

@@ -63,10 +63,10 @@ def write_image_folder(root: Path, n_per_class: int = 16, classes=("ant", "bee",
 
 
 def extract(images: Path, out: Path, vae, size: int = 16) -> Path:
-    from latentdit.data.extract import extract_latents
+    from latentdit.extraction import ExtractionSettings, extract_latents
 
-    extract_latents(images, out, vae=vae, image_size=size, batch_size=32, shard_size=24, progress=False,
-                    use_accelerate=False, dtype="float32")
+    extract_latents(ExtractionSettings(images, out, image_size=size, batch_size=32, shard_size=24, progress=False,
+                                       use_accelerate=False, dtype="float32"), vae=vae)
     return out
 
 
@@ -733,7 +733,7 @@ def test_per_channel_latents_are_decoded_with_their_own_statistics(tmp_path):
     from diffusers import AutoencoderKL
 
     from latentdit.autoencoder import VAE
-    from latentdit.data.extract import extract_latents
+    from latentdit.extraction import ExtractionSettings, extract_latents
     from latentdit.sampling import decode_images
     from latentdit.weights import load_model_for_sampling
 
@@ -745,9 +745,9 @@ def test_per_channel_latents_are_decoded_with_their_own_statistics(tmp_path):
                   latents_mean=mean, latents_std=std).save_pretrained(tmp_path / "vae")
     vae = VAE.load(tmp_path / "vae")
     lat = tmp_path / "lat"
-    extract_latents(write_image_folder(tmp_path / "images", n_per_class=2), lat, vae=vae, image_size=16,
-                    batch_size=32, shard_size=24, progress=False, use_accelerate=False, dtype="float32",
-                    latent_norm="per-channel")
+    extract_latents(ExtractionSettings(write_image_folder(tmp_path / "images", n_per_class=2), lat, image_size=16,
+                                       batch_size=32, shard_size=24, progress=False, use_accelerate=False,
+                                       dtype="float32", latent_norm="per-channel"), vae=vae)
     run = tmp_path / "run"
     train(load_config(None, [*BASE, f"data.latents={lat}", f"train.run_dir={run}", "train.max_steps=1"]))
     ckpt = load_model_for_sampling(run / "checkpoints" / "step-0000001" / "ema.safetensors")

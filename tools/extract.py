@@ -19,8 +19,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     import torch
 
     from latentdit.autoencoder import BUNDLED_CLIPART_VAE, BUNDLED_VAE, LATENT_NORMS
-    from latentdit.data.extract import extract_latents
     from latentdit.data.latents import STORAGE_DTYPES
+    from latentdit.extraction import ExtractionSettings, extract_latents
 
     p = make_parser(__doc__.strip().splitlines()[0])
     p.add_argument("--data", default="fashion-mnist",
@@ -47,11 +47,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     args = p.parse_args(argv)
 
-    report = extract_latents(
-        args.data, args.out, vae=args.vae, split=args.split, image_size=args.image_size, batch_size=args.batch_size,
-        num_workers=args.num_workers, shard_size=args.shard_size, flip=not args.no_flip, limit=args.limit,
-        dtype=args.dtype, device=None if args.device == "auto" else args.device,
-        vae_dtype=getattr(torch, args.vae_dtype), progress=not args.no_progress, latent_norm=args.latent_norm)
+    settings = ExtractionSettings(
+        data=args.data, out=args.out, vae=args.vae, split=args.split, image_size=args.image_size,
+        batch_size=args.batch_size, num_workers=args.num_workers, shard_size=args.shard_size, flip=not args.no_flip,
+        limit=args.limit, dtype=args.dtype, latent_norm=args.latent_norm,
+        device=None if args.device == "auto" else args.device, vae_dtype=getattr(torch, args.vae_dtype),
+        progress=not args.no_progress)
+    report = extract_latents(settings)
 
     if report.is_main_process:
         print(report.format())

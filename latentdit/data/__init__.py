@@ -1,4 +1,5 @@
-"""Datasets: image sources for extraction (Fashion-MNIST, image folders) and stored latents for training."""
+"""Datasets: image sources for extraction and VAE training (Fashion-MNIST, image folders; every image file is
+read by :func:`latentdit.data.images.read_rgb`) and stored latents for training."""
 
 from __future__ import annotations
 
@@ -9,16 +10,8 @@ from typing import Any
 from latentdit.errors import LatentDiTError
 from latentdit.io import sha256_json
 
-from latentdit.data.images import (  # noqa: F401  (re-exported)
-    IMAGE_EXTENSIONS,
-    FlatFolderDataset,
-    ImageFolderDataset,
-    center_crop_arr,
-    class_subfolders,
-    is_image_file,
-    to_rgb,
-)
-from latentdit.data.latents import LatentDataset, read_manifest  # noqa: F401  (re-exported)
+from latentdit.data.images import (IMAGE_EXTENSIONS, FlatFolderDataset, ImageFolderDataset, class_subfolders,
+                                   is_image_file)
 
 FASHION_MNIST_NAMES = ("fashion-mnist", "fashion_mnist", "fashionmnist")
 SPLIT_FOLDERS = {"train", "val", "valid", "validation", "test"}

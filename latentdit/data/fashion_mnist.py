@@ -33,7 +33,6 @@ DEFAULT_ROOT = Path("/usr/share/datasets/fashion-mnist")
 ROOT_ENV = "LATENTDIT_FASHION_MNIST"
 
 SPLIT_PREFIX = {"train": "train", "test": "t10k"}
-SPLIT_SIZE = {"train": 60_000, "test": 10_000}
 IMAGE_MAGIC = 0x00000803  # unsigned byte, 3 dimensions
 LABEL_MAGIC = 0x00000801  # unsigned byte, 1 dimension
 

@@ -1,9 +1,15 @@
-"""Image folders and the ADM/DiT preprocessing (RGB conversion, box-then-bicubic resize, center crop).
+"""Reading image files, image folders and the ADM/DiT preprocessing (box-then-bicubic resize, center crop).
+
+Every part of the project that reads an image file (extraction, VAE training, the metrics) reads it
+through :func:`read_rgb`: one list of extensions (:data:`IMAGE_EXTENSIONS`), one listing of a folder
+(:func:`list_images`), one conversion to RGB (:func:`to_rgb`: transparency composited on white) and
+one treatment of Pillow's decompression-bomb limits. So a model is trained on, and scored on, the
+same pixels.
 
 Two folder layouts are supported: ImageNet layout (one subfolder per class; class index = position of
 the folder name in sorted order) and a flat folder (every image is class 0). A file that cannot be
-decoded is not an exception: the dataset returns ``None`` in place of the image, so the extraction
-counts and lists it and goes on.
+decoded is not an exception for the datasets: they return ``None`` in place of the image, so the
+extraction counts and lists it and goes on.
 """
 
 from __future__ import annotations
@@ -22,10 +28,12 @@ from latentdit.errors import LatentDiTError
 #: File extensions treated as images (compared case-insensitively).
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm", ".pbm")
 
+#: One-line description of the conversion of a file to RGB (part of the metrics' feature-cache key).
+RGB_CONVERSION = "to_rgb (alpha and palette transparency composited on white; L/P/CMYK/16-bit -> RGB)"
+
 #: One-line description of the preprocessing, recorded in the latent manifest.
-PREPROCESSING = ("to_rgb (alpha and palette transparency composited on white; L/P/CMYK/16-bit -> RGB), "
-                 "box downsample by 2 while the short side >= 2x image_size, bicubic resize of the short "
-                 "side to image_size, center crop to image_size x image_size, scale to [-1, 1]")
+PREPROCESSING = (f"{RGB_CONVERSION}, box downsample by 2 while the short side >= 2x image_size, bicubic resize "
+                 "of the short side to image_size, center crop to image_size x image_size, scale to [-1, 1]")
 
 _WHITE = (255, 255, 255)
 
@@ -108,30 +116,56 @@ class LoadedImage(NamedTuple):
     error: str | None
 
 
-def load_image_file(path: str | os.PathLike, image_size: int) -> tuple[torch.Tensor | None, str | None]:
-    """Read and preprocess one file: ``(tensor in [-1, 1], None)`` or ``(None, reason)``; never raises
-    for a bad file (zero bytes, truncated, not an image, unreadable)."""
+def _open(path: str | os.PathLike, decode: bool) -> tuple[Image.Image | None, tuple[int, int] | None, str | None]:
+    """``(RGB image or None, (W, H), None)`` or ``(None, None, reason)``; never raises for a bad file."""
     try:
         if os.path.getsize(path) == 0:
-            return None, "empty file (0 bytes)"
+            return None, None, "empty file (0 bytes)"
         with warnings.catch_warnings():
             # Large drawings (clip art at poster size) pass Pillow's warning threshold on every read; the
             # image is resized right away, and files past its hard limit are still refused below.
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             with Image.open(path) as pil:
+                if not decode:
+                    return None, pil.size, None
                 pil.load()  # decode now: truncated files fail here, not later
-                arr = center_crop_arr(pil, image_size)
+                return to_rgb(pil), pil.size, None
     except UnidentifiedImageError:
-        return None, "not a recognised image format"
+        return None, None, "not a recognised image format"
     except Image.DecompressionBombError as e:
-        return None, f"refused by Pillow's decompression-bomb check ({e})"
+        return None, None, f"refused by Pillow's decompression-bomb check ({e})"
     except (OSError, ValueError, SyntaxError, EOFError) as e:
-        return None, f"could not decode: {type(e).__name__}: {e}"
-    return array_to_tensor(arr), None
+        return None, None, f"could not decode: {type(e).__name__}: {e}"
 
 
-def _list_images(folder: Path) -> list[Path]:
-    """All image files below ``folder`` (recursive, hidden entries skipped), in sorted order."""
+def read_rgb(path: str | os.PathLike) -> Image.Image:
+    """Decode one image file to RGB (:func:`to_rgb`); raises :class:`LatentDiTError` naming the file and why."""
+    image, _, reason = _open(path, decode=True)
+    if image is None:
+        raise LatentDiTError(f"could not read image {path}: {reason}")
+    return image
+
+
+def read_size(path: str | os.PathLike) -> tuple[int, int]:
+    """``(width, height)`` of an image file from its header (no pixels decoded); raises like :func:`read_rgb`."""
+    _, size, reason = _open(path, decode=False)
+    if size is None:
+        raise LatentDiTError(f"could not read image {path}: {reason}")
+    return size
+
+
+def load_image_file(path: str | os.PathLike, image_size: int) -> tuple[torch.Tensor | None, str | None]:
+    """Read and preprocess one file: ``(tensor in [-1, 1], None)`` or ``(None, reason)``; never raises
+    for a bad file (zero bytes, truncated, not an image, unreadable)."""
+    image, _, reason = _open(path, decode=True)
+    if image is None:
+        return None, reason
+    return array_to_tensor(center_crop_arr(image, image_size)), None
+
+
+def list_images(folder: str | os.PathLike) -> list[Path]:
+    """All image files below ``folder`` (recursive, symbolic links followed, hidden entries skipped): the
+    files of each folder in sorted order, then its subfolders in sorted order."""
     found: list[Path] = []
     for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
         dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
@@ -150,7 +184,7 @@ def class_subfolders(root: str | os.PathLike) -> list[str]:
     """Names of the non-hidden subfolders of ``root`` that hold at least one image, sorted."""
     root = _check_root(root)
     return sorted(d.name for d in root.iterdir()
-                  if d.is_dir() and not d.name.startswith(".") and _list_images(d))
+                  if d.is_dir() and not d.name.startswith(".") and list_images(d))
 
 
 class _FolderBase(torch.utils.data.Dataset):
@@ -196,7 +230,7 @@ class ImageFolderDataset(_FolderBase):
             raise LatentDiTError(f"no class subfolders with images ({', '.join(IMAGE_EXTENSIONS)}) in {self.root}")
         self.files, self.targets = [], []
         for label, name in enumerate(self.class_names):
-            files = _list_images(self.root / name)
+            files = list_images(self.root / name)
             self.files.extend(files)
             self.targets.extend([label] * len(files))
 
@@ -207,7 +241,7 @@ class FlatFolderDataset(_FolderBase):
     def __init__(self, root: str | os.PathLike, image_size: int, class_name: str | None = None):
         self.root = _check_root(root)
         self.image_size = int(image_size)
-        self.files = _list_images(self.root)
+        self.files = list_images(self.root)
         if not self.files:
             raise LatentDiTError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) found in folder {self.root}")
         self.targets = [0] * len(self.files)

@@ -20,7 +20,7 @@ import bisect
 import json
 import os
 from pathlib import Path
-from typing import Any, Iterator, Mapping
+from typing import Any, Iterator, Mapping, Sequence
 
 import torch
 
@@ -198,6 +198,87 @@ def check_manifest_fields(manifest: Mapping[str, Any], path: str | os.PathLike) 
         raise LatentDiTError(f"{path}: field 'num_classes' is {manifest['num_classes']} but 'class_names' lists "
                              f"{len(manifest['class_names'])} names; the manifest is damaged: extract the latents "
                              "again")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Writing a directory: checks against what it holds, the manifest of a complete one
+
+
+def check_directory(out: Path, settings: Mapping[str, Any]) -> tuple[dict[str, Any] | None, dict[int, Path]]:
+    """Compare the extraction ``settings`` with the manifest and every existing shard of ``out``; returns
+    ``(manifest or None, complete shards by index)``. Raises on the first difference, touching nothing."""
+    manifest = None
+    if (out / MANIFEST_NAME).is_file():
+        manifest = read_manifest(out)
+        recorded = manifest.get("settings")
+        if not isinstance(recorded, dict):
+            raise LatentDiTError(f"{out / MANIFEST_NAME}: field 'settings': expected the extraction settings (a "
+                                 f"mapping), got {type(recorded).__name__}; use another --out directory")
+        check_settings(recorded, settings, f"{out / MANIFEST_NAME}")
+    shards = list_shards(out)
+    expected = num_shards(settings["num_items"], settings["shard_size"])
+    for k, path in shards.items():
+        old, record = read_shard_metadata(path)
+        check_settings(old, settings, str(path))
+        if k >= expected or record.get("shard") != k:
+            raise LatentDiTError(f"{path} does not belong to an extraction of {settings['num_items']} items in "
+                                 f"{expected} shards; use another --out directory")
+    return manifest, shards
+
+
+def remove_temporaries(out: Path, names: Sequence[str]) -> None:
+    """Delete temporary files a killed run left for the files ``names`` (see latentdit.io.atomic_path)."""
+    for name in names:
+        for p in out.glob(f".{name}.*.tmp"):
+            p.unlink(missing_ok=True)
+
+
+def build_manifest(out: str | os.PathLike, settings: Mapping[str, Any]) -> dict[str, Any]:
+    """The manifest of a complete directory, built from the shards' own metadata."""
+    out = Path(out)
+    expected = num_shards(settings["num_items"], settings["shard_size"])
+    shards = list_shards(out)
+    missing = [shard_name(k) for k in range(expected) if k not in shards]
+    if missing:
+        raise LatentDiTError(f"cannot write {out / MANIFEST_NAME}: {len(missing)} shards are missing "
+                             f"({', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}); run the extraction again")
+    entries, bad, total = [], [], 0
+    for k in range(expected):
+        old, record = read_shard_metadata(shards[k])
+        check_settings(old, settings, str(shards[k]))
+        entries.append({"file": shard_name(k), "count": int(record["count"]),
+                        "start": int(record["start"]), "stop": int(record["stop"])})
+        bad.extend(record.get("bad", []))
+        total += int(record["count"])
+    ds = settings["dataset"]
+    return {
+        "format": "latentdit-latents",
+        "format_version": FORMAT_VERSION,
+        "vae": settings["vae"],
+        "scaling_factor": settings["scaling_factor"],
+        "latent_norm": settings.get("latent_norm"),
+        "image_size": settings["image_size"],
+        "latent_shape": settings["latent_shape"],
+        "dtype": settings["dtype"],
+        "flip": settings["flip"],
+        "num_items": total,
+        "num_classes": len(ds["class_names"]),
+        "class_names": ds["class_names"],
+        "shard_size": settings["shard_size"],
+        "shards": entries,
+        "preprocessing": settings["preprocessing"],
+        "dataset": ds,
+        "num_bad": len(bad),
+        "bad_files": bad,
+        "tensors": {"mean": "[n, F, C, h, w] unscaled posterior mean; F=2 holds the h-flipped image at [:, 1]",
+                    "std": "[n, F, C, h, w] posterior standard deviation", "labels": "int64 [n]",
+                    "indices": "int64 [n], index of the item in the source dataset"},
+        "settings": settings,
+    }
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Reading a directory for training
 
 
 class LatentDataset(torch.utils.data.Dataset):

@@ -12,6 +12,7 @@ another VAE, image size, dataset or layout is refused, and nothing in it is touc
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import time
 from pathlib import Path
@@ -19,17 +20,21 @@ from typing import Any, Callable, Iterator, Sequence
 
 import torch
 
+from latentdit.autoencoder import LATENT_NORMS, VAE, default_vae_for
+from latentdit.data import build_image_dataset, dataset_identity, is_fashion_mnist
+from latentdit.data.images import PREPROCESSING
 from latentdit.data.latents import (
     FORMAT_VERSION,
     MANIFEST_NAME,
     SETTINGS_KEY,
     SHARD_KEY,
     STORAGE_DTYPES,
-    check_settings,
+    build_manifest,
+    check_directory,
     list_shards,
     num_shards,
     read_manifest,
-    read_shard_metadata,
+    remove_temporaries,
     shard_name,
     shard_range,
 )
@@ -39,6 +44,50 @@ from latentdit.io import check_output_folder, save_safetensors, write_json
 
 FASHION_MNIST_PREPROCESSING = ("Fashion-MNIST 28x28 grey, PIL bicubic resize to image_size, grey repeated to "
                                "RGB, scale to [-1, 1]")
+
+
+@dataclasses.dataclass(frozen=True)
+class ExtractionSettings:
+    """What :func:`extract_latents` encodes, where to and how; checked when constructed.
+
+    ``data``: ``fashion-mnist`` or an image folder, entered at ``split`` (see
+    :func:`latentdit.data.build_image_dataset`). ``vae``: a bundled VAE name, a ``save_pretrained``
+    folder or a hub id; None for the bundled VAE that fits ``data``. ``latent_norm`` (``scalar`` or
+    ``per-channel``) is recorded in the manifest and applied by the training data. ``dtype`` is the
+    storage dtype of the moments (``float16`` or ``float32``), ``vae_dtype`` the encoder's compute dtype.
+    ``limit`` keeps the first N items. ``device`` None: the process's accelerator, else the CPU.
+    ``use_accelerate``: join the processes of an ``accelerate launch`` (each writes its share of shards).
+    """
+
+    data: str | os.PathLike
+    out: str | os.PathLike
+    vae: str | os.PathLike | None = None
+    split: str = "train"
+    image_size: int = 256
+    batch_size: int = 32
+    num_workers: int = 0
+    shard_size: int = 4096
+    flip: bool = True
+    limit: int | None = None
+    dtype: str = "float16"
+    latent_norm: str = "scalar"
+    device: str | torch.device | None = None
+    vae_dtype: torch.dtype = torch.float32
+    progress: bool = True
+    use_accelerate: bool = True
+
+    def __post_init__(self) -> None:
+        if self.dtype not in STORAGE_DTYPES:
+            raise LatentDiTError(f"--dtype must be one of {sorted(STORAGE_DTYPES)}, got {self.dtype!r}")
+        if self.latent_norm not in LATENT_NORMS:
+            raise LatentDiTError(f"--latent-norm must be one of {', '.join(LATENT_NORMS)}, got {self.latent_norm!r}")
+        for name in ("batch_size", "shard_size", "image_size"):
+            if int(getattr(self, name)) < 1:
+                raise LatentDiTError(f"{name} must be a positive integer, got {getattr(self, name)}")
+        if self.num_workers < 0:
+            raise LatentDiTError(f"num_workers must be >= 0, got {self.num_workers}")
+        if self.limit is not None and self.limit < 1:
+            raise LatentDiTError(f"--limit must be a positive integer, got {self.limit}")
 
 
 @dataclasses.dataclass
@@ -141,16 +190,16 @@ def _vae_identity(vae: Any) -> dict[str, Any]:
     return ident
 
 
-def extraction_settings(vae: Any, dataset_ident: dict[str, Any], *, image_size: int, dtype: str, flip: bool,
-                        shard_size: int, num_items: int, limit: int | None, preprocessing: str,
-                        latent_norm: str = "scalar") -> dict[str, Any]:
-    """The settings stored in every shard and in the manifest; compared when resuming. ``latent_norm``
-    ``per-channel`` records the VAE's per-channel statistics (training normalises with them); the default
-    scalar normalisation records nothing beyond ``scaling_factor``, as before."""
+def recorded_settings(settings: ExtractionSettings, vae: Any, dataset_ident: dict[str, Any], num_items: int,
+                      preprocessing: str) -> dict[str, Any]:
+    """The settings stored in every shard and in the manifest (a JSON mapping); compared when resuming.
+    ``latent_norm`` ``per-channel`` records the VAE's per-channel statistics (training normalises with
+    them); the default scalar normalisation records nothing beyond ``scaling_factor``."""
+    image_size = settings.image_size
     factor = int(vae.downsample_factor)
     if image_size % factor:
         raise LatentDiTError(f"--image-size {image_size} is not a multiple of the VAE's downsampling factor {factor}")
-    norm = None if latent_norm == "scalar" else vae.latent_norm(latent_norm).to_dict()
+    norm = None if settings.latent_norm == "scalar" else vae.latent_norm(settings.latent_norm).to_dict()
     return {
         "latent_norm": norm,
         "format_version": FORMAT_VERSION,
@@ -158,85 +207,13 @@ def extraction_settings(vae: Any, dataset_ident: dict[str, Any], *, image_size: 
         "scaling_factor": float(vae.scaling_factor),
         "image_size": int(image_size),
         "latent_shape": [int(vae.latent_channels), image_size // factor, image_size // factor],
-        "dtype": dtype,
-        "flip": bool(flip),
-        "shard_size": int(shard_size),
+        "dtype": settings.dtype,
+        "flip": bool(settings.flip),
+        "shard_size": int(settings.shard_size),
         "num_items": int(num_items),
-        "limit": limit,
+        "limit": settings.limit,
         "dataset": dataset_ident,
         "preprocessing": preprocessing,
-    }
-
-
-def _check_existing(out: Path, settings: dict[str, Any]) -> tuple[dict[str, Any] | None, dict[int, Path]]:
-    """Compare ``settings`` with the manifest and every existing shard; returns (manifest, shards)."""
-    manifest = None
-    if (out / MANIFEST_NAME).is_file():
-        manifest = read_manifest(out)
-        recorded = manifest.get("settings")
-        if not isinstance(recorded, dict):
-            raise LatentDiTError(f"{out / MANIFEST_NAME}: field 'settings': expected the extraction settings (a "
-                                 f"mapping), got {type(recorded).__name__}; use another --out directory")
-        check_settings(recorded, settings, f"{out / MANIFEST_NAME}")
-    shards = list_shards(out)
-    expected = num_shards(settings["num_items"], settings["shard_size"])
-    for k, path in shards.items():
-        old, record = read_shard_metadata(path)
-        check_settings(old, settings, str(path))
-        if k >= expected or record.get("shard") != k:
-            raise LatentDiTError(f"{path} does not belong to an extraction of {settings['num_items']} items in "
-                                 f"{expected} shards; use another --out directory")
-    return manifest, shards
-
-
-def _remove_temporaries(out: Path, names: Sequence[str]) -> None:
-    """Delete temporary files a killed run left for the files ``names`` (see latentdit.io.atomic_path)."""
-    for name in names:
-        for p in out.glob(f".{name}.*.tmp"):
-            p.unlink(missing_ok=True)
-
-
-def build_manifest(out: str | os.PathLike, settings: dict[str, Any]) -> dict[str, Any]:
-    """The manifest of a complete directory, built from the shards' own metadata."""
-    out = Path(out)
-    expected = num_shards(settings["num_items"], settings["shard_size"])
-    shards = list_shards(out)
-    missing = [shard_name(k) for k in range(expected) if k not in shards]
-    if missing:
-        raise LatentDiTError(f"cannot write {out / MANIFEST_NAME}: {len(missing)} shards are missing "
-                             f"({', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}); run the extraction again")
-    entries, bad, total = [], [], 0
-    for k in range(expected):
-        old, record = read_shard_metadata(shards[k])
-        check_settings(old, settings, str(shards[k]))
-        entries.append({"file": shard_name(k), "count": int(record["count"]),
-                        "start": int(record["start"]), "stop": int(record["stop"])})
-        bad.extend(record.get("bad", []))
-        total += int(record["count"])
-    ds = settings["dataset"]
-    return {
-        "format": "latentdit-latents",
-        "format_version": FORMAT_VERSION,
-        "vae": settings["vae"],
-        "scaling_factor": settings["scaling_factor"],
-        "latent_norm": settings.get("latent_norm"),
-        "image_size": settings["image_size"],
-        "latent_shape": settings["latent_shape"],
-        "dtype": settings["dtype"],
-        "flip": settings["flip"],
-        "num_items": total,
-        "num_classes": len(ds["class_names"]),
-        "class_names": ds["class_names"],
-        "shard_size": settings["shard_size"],
-        "shards": entries,
-        "preprocessing": settings["preprocessing"],
-        "dataset": ds,
-        "num_bad": len(bad),
-        "bad_files": bad,
-        "tensors": {"mean": "[n, F, C, h, w] unscaled posterior mean; F=2 holds the h-flipped image at [:, 1]",
-                    "std": "[n, F, C, h, w] posterior standard deviation", "labels": "int64 [n]",
-                    "indices": "int64 [n], index of the item in the source dataset"},
-        "settings": settings,
     }
 
 
@@ -281,88 +258,51 @@ def _default_device(use_accelerate: bool) -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def extract_latents(
-    data: str | os.PathLike,
-    out: str | os.PathLike,
-    *,
-    vae: Any = None,
-    split: str = "train",
-    image_size: int = 256,
-    batch_size: int = 32,
-    num_workers: int = 0,
-    shard_size: int = 4096,
-    flip: bool = True,
-    limit: int | None = None,
-    dtype: str = "float16",
-    device: str | torch.device | None = None,
-    vae_dtype: torch.dtype = torch.float32,
-    progress: bool = True,
-    use_accelerate: bool = True,
-    on_shard_written: Callable[[int, Path], None] | None = None,
-    latent_norm: str = "scalar",
-) -> ExtractionReport:
-    """Encode ``data`` (``fashion-mnist`` or an image folder) into ``out``; see the module docstring.
+def extract_latents(settings: ExtractionSettings, *, vae: Any = None,
+                    on_shard_written: Callable[[int, Path], None] | None = None) -> ExtractionReport:
+    """Encode ``settings.data`` into ``settings.out``; see the module docstring.
 
-    ``vae`` is a loaded VAE or a spec for ``VAE.load`` (default: the bundled VAE for ``data``, see
-    ``latentdit.autoencoder.default_vae_for``); ``latent_norm`` (``scalar`` or ``per-channel``) is recorded
-    in the manifest and applied by the training data. ``dtype`` is the storage
-    dtype of the moments (``float16`` or ``float32``); ``vae_dtype`` the encoder's compute dtype.
-    ``limit`` keeps the first N items. ``on_shard_written(k, path)`` is called after each shard (tests use
-    it to simulate a kill). Under ``accelerate launch`` every process must call this with the same arguments.
+    ``vae``: an already loaded VAE to encode with, in place of loading ``settings.vae``.
+    ``on_shard_written(k, path)`` is called after each shard (tests use it to simulate a kill). Under
+    ``accelerate launch`` every process must call this with the same settings.
     """
-    from latentdit.data import build_image_dataset, dataset_identity, is_fashion_mnist
-    from latentdit.data.images import PREPROCESSING
+    s = settings
+    out = check_output_folder(s.out, "--out")
 
-    if dtype not in STORAGE_DTYPES:
-        raise LatentDiTError(f"--dtype must be one of {sorted(STORAGE_DTYPES)}, got {dtype!r}")
-    for name, value in (("batch_size", batch_size), ("shard_size", shard_size), ("image_size", image_size)):
-        if int(value) < 1:
-            raise LatentDiTError(f"{name} must be a positive integer, got {value}")
-    if num_workers < 0:
-        raise LatentDiTError(f"num_workers must be >= 0, got {num_workers}")
-    if limit is not None and limit < 1:
-        raise LatentDiTError(f"--limit must be a positive integer, got {limit}")
-    out = check_output_folder(out, "--out")
-
-    rank, world, barrier, all_gather = _dist_state(use_accelerate, device)
+    rank, world, barrier, all_gather = _dist_state(s.use_accelerate, s.device)
     is_main = rank == 0
-    device = torch.device(device) if device is not None else _default_device(use_accelerate)
+    device = torch.device(s.device) if s.device is not None else _default_device(s.use_accelerate)
 
-    dataset = build_image_dataset(data, split=split, image_size=image_size)
-    num_items = len(dataset) if limit is None else min(limit, len(dataset))
-    ident = dataset_identity(dataset, data, split)
-    preprocessing = FASHION_MNIST_PREPROCESSING if is_fashion_mnist(data) else PREPROCESSING
+    dataset = build_image_dataset(s.data, split=s.split, image_size=s.image_size)
+    num_items = len(dataset) if s.limit is None else min(s.limit, len(dataset))
+    ident = dataset_identity(dataset, s.data, s.split)
+    preprocessing = FASHION_MNIST_PREPROCESSING if is_fashion_mnist(s.data) else PREPROCESSING
 
-    if vae is None or isinstance(vae, (str, os.PathLike)):
-        from latentdit.autoencoder import VAE, default_vae_for
-
+    if vae is None:
         if not is_main:  # the main process loads (and, for a hub id, downloads) first
             barrier()
-        vae = VAE.load(default_vae_for(data) if vae is None else vae, device=device, dtype=vae_dtype)
+        vae = VAE.load(default_vae_for(s.data) if s.vae is None else s.vae, device=device, dtype=s.vae_dtype)
         if is_main:
             barrier()
-    settings = extraction_settings(vae, ident, image_size=image_size, dtype=dtype, flip=flip, shard_size=shard_size,
-                                   num_items=num_items, limit=limit, preprocessing=preprocessing,
-                                   latent_norm=latent_norm)
-    total_shards = num_shards(num_items, shard_size)
+    record = recorded_settings(s, vae, ident, num_items, preprocessing)
+    total_shards = num_shards(num_items, s.shard_size)
 
     # Every process checks the same files, so a mismatch stops all of them before any collective call.
-    manifest, existing = _check_existing(out, settings)
+    manifest, existing = check_directory(out, record)
     mine = [k for k in range(total_shards) if k % world == rank]
     pending = [k for k in mine if k not in existing]
     out.mkdir(parents=True, exist_ok=True)
-    _remove_temporaries(out, [shard_name(k) for k in mine] + ([MANIFEST_NAME] if is_main else []))
+    remove_temporaries(out, [shard_name(k) for k in mine] + ([MANIFEST_NAME] if is_main else []))
 
     start_time = time.perf_counter()
-    encoded = _encode_shards(dataset, data, out, vae, settings, pending, device, rank, batch_size=batch_size,
-                             num_workers=num_workers, progress=progress and is_main,
+    encoded = _encode_shards(dataset, s, out, vae, record, pending, device, rank, progress=s.progress and is_main,
                              on_shard_written=on_shard_written)
     seconds = time.perf_counter() - start_time
 
     barrier()
     gathered = all_gather((encoded, seconds, len(pending)))
     if is_main and (manifest is None or len(existing) < total_shards):
-        manifest = build_manifest(out, settings)
+        manifest = build_manifest(out, record)
         write_json(out / MANIFEST_NAME, manifest)
     barrier()
     if manifest is None:
@@ -377,23 +317,24 @@ def extract_latents(
                             is_main_process=is_main)
 
 
-def _encode_shards(dataset: Any, data: Any, out: Path, vae: Any, settings: dict[str, Any], pending: list[int],
-                   device: torch.device, rank: int, *, batch_size: int, num_workers: int, progress: bool,
+def _encode_shards(dataset: Any, s: ExtractionSettings, out: Path, vae: Any, record: dict[str, Any],
+                   pending: list[int], device: torch.device, rank: int, *, progress: bool,
                    on_shard_written: Callable[[int, Path], None] | None) -> int:
     """Encode the ``pending`` shards of this process; returns the number of items read."""
     from tqdm.auto import tqdm
 
     if not pending:
         return 0
-    num_items, shard_size = settings["num_items"], settings["shard_size"]
-    storage = STORAGE_DTYPES[settings["dtype"]]
-    flip = settings["flip"]
-    sampler = _ShardBatches(pending, shard_size, num_items, batch_size)
-    loader = torch.utils.data.DataLoader(_Items(dataset, str(data)), batch_sampler=sampler, num_workers=num_workers,
-                                         collate_fn=_collate, pin_memory=device.type == "cuda")
+    num_items, shard_size = record["num_items"], s.shard_size
+    storage = STORAGE_DTYPES[s.dtype]
+    flip = s.flip
+    sampler = _ShardBatches(pending, shard_size, num_items, s.batch_size)
+    loader = torch.utils.data.DataLoader(_Items(dataset, str(s.data)), batch_sampler=sampler,
+                                         num_workers=s.num_workers, collate_fn=_collate,
+                                         pin_memory=device.type == "cuda")
     total = sum(shard_range(k, shard_size, num_items)[1] - shard_range(k, shard_size, num_items)[0] for k in pending)
     bar = tqdm(total=total, unit="img", desc="extract", disable=not progress, dynamic_ncols=True)
-    settings_json = _json(settings)
+    record_json = _json(record)
 
     queue = list(pending)
     buffers: dict[str, list] = {"mean": [], "std": [], "labels": [], "indices": [], "bad": []}
@@ -424,7 +365,7 @@ def _encode_shards(dataset: Any, data: Any, out: Path, vae: Any, settings: dict[
             read += batch["count"]
             bar.update(batch["count"])
             if seen == stop - start:
-                path = _write_shard(out, k, start, stop, buffers, settings, settings_json, storage, rank)
+                path = _write_shard(out, k, start, stop, buffers, record, record_json, storage, rank)
                 if on_shard_written is not None:
                     on_shard_written(k, path)
                 queue.pop(0)
@@ -435,15 +376,14 @@ def _encode_shards(dataset: Any, data: Any, out: Path, vae: Any, settings: dict[
 
 
 def _json(obj: Any) -> str:
-    import json
-
     return json.dumps(obj, sort_keys=True)
 
 
-def _write_shard(out: Path, k: int, start: int, stop: int, buffers: dict[str, list], settings: dict[str, Any],
-                 settings_json: str, storage: torch.dtype, rank: int) -> Path:
-    c, h, w = settings["latent_shape"]
-    frames = 2 if settings["flip"] else 1
+def _write_shard(out: Path, k: int, start: int, stop: int, buffers: dict[str, list], record: dict[str, Any],
+                 record_json: str, storage: torch.dtype, rank: int) -> Path:
+    """Write shard ``k`` atomically with the recorded settings ``record`` and its own record in its metadata."""
+    c, h, w = record["latent_shape"]
+    frames = 2 if record["flip"] else 1
     if buffers["mean"]:
         mean, std = torch.cat(buffers["mean"]), torch.cat(buffers["std"])
         labels, indices = torch.cat(buffers["labels"]), torch.cat(buffers["indices"])
@@ -452,10 +392,10 @@ def _write_shard(out: Path, k: int, start: int, stop: int, buffers: dict[str, li
         labels = indices = torch.zeros(0, dtype=torch.long)
     if list(mean.shape[1:]) != [frames, c, h, w]:
         raise LatentDiTError(f"the VAE produced latents of shape {list(mean.shape[2:])}, expected "
-                             f"{settings['latent_shape']} for image_size {settings['image_size']}")
-    record = {"shard": k, "start": start, "stop": stop, "count": int(labels.shape[0]), "bad": buffers["bad"],
-              "process": rank}
+                             f"{record['latent_shape']} for image_size {record['image_size']}")
+    shard = {"shard": k, "start": start, "stop": stop, "count": int(labels.shape[0]), "bad": buffers["bad"],
+             "process": rank}
     path = out / shard_name(k)
     save_safetensors({"mean": mean, "std": std, "labels": labels, "indices": indices}, path,
-                     metadata={SETTINGS_KEY: settings_json, SHARD_KEY: _json(record)})
+                     metadata={SETTINGS_KEY: record_json, SHARD_KEY: _json(shard)})
     return path
