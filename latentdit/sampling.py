@@ -42,7 +42,7 @@ from latentdit.models.guidance import check_cfg_scale, check_guidance_possible
 from latentdit.seeding import seed_for
 
 if TYPE_CHECKING:  # the autoencoder module (diffusers) is imported only when a VAE is used
-    from latentdit.autoencoder import LatentNorm
+    from latentdit.data.latent_norm import LatentNorm
 
 SAMPLERS = tuple(SAMPLER_SPECS)
 DEFAULT_NUM_STEPS = {name: spec.default_steps for name, spec in SAMPLER_SPECS.items()}
@@ -195,7 +195,7 @@ def load_model_for_sampling(path: str | Path, model_name: str | None = None,
         raise LatentDiTError(f"checkpoint {weights}: {e}") from None
     latent_norm = _json_meta(metadata, META_LATENT_NORM, weights)
     if latent_norm is not None:
-        from latentdit.autoencoder import LatentNorm
+        from latentdit.data.latent_norm import LatentNorm
 
         latent_norm = LatentNorm.from_dict(latent_norm, f"checkpoint {weights}: metadata {META_LATENT_NORM!r}")
     return SamplingCheckpoint(
@@ -557,7 +557,7 @@ def images_to_uint8(images: torch.Tensor) -> np.ndarray:
 @torch.no_grad()
 def decode_images(vae, latents: torch.Tensor, batch_size: int = 32, norm=None) -> torch.Tensor:
     """Normalised latents → images in [-1, 1] (float32 NCHW, CPU) via ``vae.decode``, which undoes ``norm``
-    (a :class:`latentdit.autoencoder.LatentNorm`, e.g. a checkpoint's ``latent_norm``; None: the VAE's
+    (a :class:`latentdit.data.latent_norm.LatentNorm`, e.g. a checkpoint's ``latent_norm``; None: the VAE's
     scaling factor)."""
     if latents.shape[1] != vae.latent_channels:
         raise LatentDiTError(f"latents have {latents.shape[1]} channels but the VAE expects {vae.latent_channels}")
@@ -602,7 +602,7 @@ def load_vae_for(ckpt: SamplingCheckpoint, spec: str | None = None, device: str 
 
     Checks that its latent channels match the model's input channels.
     """
-    from latentdit.autoencoder import BUNDLED_VAE, VAE
+    from latentdit.vae import BUNDLED_VAE, VAE
 
     vae = VAE.load(spec or ckpt.vae_spec or BUNDLED_VAE, device=device, dtype=dtype)
     if vae.latent_channels != ckpt.model.in_channels:

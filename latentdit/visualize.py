@@ -234,7 +234,7 @@ def save_denoising_trajectory(model: torch.nn.Module, vae, labels: Sequence[int]
                               norm=None) -> Path:
     """Sample ``labels`` with the chosen sampler and write how each sample forms: decoded x_t and x̂0 at
     ~``num_points`` points along the chain (see :func:`record_trajectory`, :func:`save_trajectory_grid`);
-    ``norm``: the latents' :class:`latentdit.autoencoder.LatentNorm` (None: the VAE's scaling factor)."""
+    ``norm``: the latents' :class:`latentdit.data.latent_norm.LatentNorm` (None: the VAE's scaling factor)."""
     from latentdit.sampling import decode_images, label_text
 
     points, _ = record_trajectory(model, labels, settings, process=process, seed=seed, indices=indices,

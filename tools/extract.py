@@ -18,7 +18,8 @@ from latentdit.cli import device_arg, make_parser, non_negative_int, positive_in
 def main(argv: Sequence[str] | None = None) -> int:
     import torch
 
-    from latentdit.autoencoder import BUNDLED_CLIPART_VAE, BUNDLED_VAE, LATENT_NORMS
+    from latentdit.data.latent_norm import LATENT_NORMS
+    from latentdit.vae import BUNDLED_CLIPART_VAE, BUNDLED_VAE
     from latentdit.data.extract import extract_latents
     from latentdit.data.latents import STORAGE_DTYPES
 

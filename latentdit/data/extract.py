@@ -304,7 +304,7 @@ def extract_latents(
     """Encode ``data`` (``fashion-mnist`` or an image folder) into ``out``; see the module docstring.
 
     ``vae`` is a loaded VAE or a spec for ``VAE.load`` (default: the bundled VAE for ``data``, see
-    ``latentdit.autoencoder.default_vae_for``); ``latent_norm`` (``scalar`` or ``per-channel``) is recorded
+    ``latentdit.vae.default_vae_for``); ``latent_norm`` (``scalar`` or ``per-channel``) is recorded
     in the manifest and applied by the training data. ``dtype`` is the storage
     dtype of the moments (``float16`` or ``float32``); ``vae_dtype`` the encoder's compute dtype.
     ``limit`` keeps the first N items. ``on_shard_written(k, path)`` is called after each shard (tests use
@@ -334,7 +334,7 @@ def extract_latents(
     preprocessing = FASHION_MNIST_PREPROCESSING if is_fashion_mnist(data) else PREPROCESSING
 
     if vae is None or isinstance(vae, (str, os.PathLike)):
-        from latentdit.autoencoder import VAE, default_vae_for
+        from latentdit.vae import VAE, default_vae_for
 
         if not is_main:  # the main process loads (and, for a hub id, downloads) first
             barrier()
