@@ -416,7 +416,7 @@ def test_released_checkpoint_shaped_state_dict_loads_and_samples(tmp_path, tiny_
 
 
 def test_decode_to_uint8_and_vae_check(tmp_path, tiny_model):
-    from latentdit.autoencoder import VAE
+    from latentdit.vae import VAE
 
     vae = VAE.load(make_tiny_vae_dir(tmp_path / "vae"))
     assert vae.scaling_factor == 0.5
