@@ -109,7 +109,7 @@ def ours(vae: Any, folder: Path, out: Path, image_size: int, batch_size: int, nu
 def sd_sized_vae(device: str):
     from diffusers import AutoencoderKL
 
-    from latentdit.autoencoder import VAE
+    from latentdit.vae import VAE
 
     torch.manual_seed(0)
     model = AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 4,
@@ -160,7 +160,7 @@ def main() -> None:
     p.add_argument("--json", default=None, help="also write the rows here")
     args = p.parse_args()
 
-    from latentdit.autoencoder import BUNDLED_VAE, VAE
+    from latentdit.vae import BUNDLED_VAE, VAE
 
     rows: list[dict[str, Any]] = []
     args.peak = matmul_peak(torch.device(args.device), n=args.matmul_size)

@@ -104,7 +104,7 @@ class Bench:
     def floors(self) -> dict[str, dict]:
         """Real held-out training images (never extracted: taken from the end of the split) and the
         VAE's reconstructions of the same images, scored like the samples."""
-        from latentdit.autoencoder import VAE
+        from latentdit.vae import VAE
         from latentdit.data.fashion_mnist import FashionMNIST
 
         folder = self.out / "floors"

@@ -27,7 +27,7 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from latentdit.autoencoder import BUNDLED_VAE_CARD_JSON, VAE, psnr  # noqa: E402
+from latentdit.vae import BUNDLED_VAE_CARD_JSON, VAE, psnr  # noqa: E402
 from latentdit.cli import make_parser, non_negative_int, positive_int, run_main  # noqa: E402
 from latentdit.errors import LatentDiTError  # noqa: E402
 from latentdit.io import read_json  # noqa: E402
@@ -139,7 +139,7 @@ def main(argv=None) -> int:
     if args.update_card:
         if card is None:
             raise LatentDiTError(f"--update-card: {args.vae[0]} has no model_card.json")
-        from latentdit.vae_training import write_model_card
+        from latentdit.vae.training.card import write_model_card
 
         command = "python benchmarks/bench_vae.py " + shlex.join(list(argv) if argv is not None else sys.argv[1:])
         command = command.replace(" --update-card", "")

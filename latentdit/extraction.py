@@ -20,9 +20,9 @@ from typing import Any, Callable, Iterator, Sequence
 
 import torch
 
-from latentdit.autoencoder import LATENT_NORMS, VAE, default_vae_for
 from latentdit.data import build_image_dataset, dataset_identity, is_fashion_mnist
 from latentdit.data.images import PREPROCESSING
+from latentdit.data.latent_norm import LATENT_NORMS
 from latentdit.data.latents import (
     FORMAT_VERSION,
     MANIFEST_NAME,
@@ -41,6 +41,7 @@ from latentdit.data.latents import (
 from latentdit.distributed import WAIT_FOR_PEERS_TIMEOUT
 from latentdit.errors import LatentDiTError
 from latentdit.io import check_output_folder, save_safetensors, write_json
+from latentdit.vae import VAE, default_vae_for
 
 FASHION_MNIST_PREPROCESSING = ("Fashion-MNIST 28x28 grey, PIL bicubic resize to image_size, grey repeated to "
                                "RGB, scale to [-1, 1]")

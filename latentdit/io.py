@@ -64,7 +64,7 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
         if problem is not None:
             raise LatentDiTError(f"could not write {path}: {problem}") from e
         raise
-    _fsync_dir(target.parent)
+    fsync_dir(target.parent)
 
 
 def writable_target(path: str | os.PathLike) -> Path:
@@ -133,13 +133,23 @@ def _default_mode() -> int:
 _DEFAULT_MODE = _default_mode()
 
 
-def _fsync_dir(directory: Path) -> None:
+def fsync_dir(directory: Path) -> None:
+    """Flush a folder's entries (a rename into it) to disk; a no-op where the system refuses."""
     with contextlib.suppress(OSError):
         fd = os.open(directory, os.O_RDONLY)
         try:
             os.fsync(fd)
         finally:
             os.close(fd)
+
+
+def fsync_tree(directory: Path) -> None:
+    """Flush the files directly inside ``directory``, then the folder itself."""
+    for p in directory.iterdir():
+        if p.is_file():
+            with open(p, "rb") as f:
+                os.fsync(f.fileno())
+    fsync_dir(directory)
 
 
 def write_json(path: str | os.PathLike, obj: Any) -> None:

@@ -29,7 +29,7 @@ from latentdit.models.checkpoint import META_CLASS_NAMES, META_DIFFUSION, META_L
 from latentdit.models.checkpoint import METADATA_KEY as META_MODEL
 
 if TYPE_CHECKING:  # the autoencoder module (diffusers) is imported only when a VAE is used
-    from latentdit.autoencoder import LatentNorm
+    from latentdit.data.latent_norm import LatentNorm
 
 _PREFERRED_WEIGHTS = ("ema.safetensors", "model.safetensors")
 _STEP_DIR = re.compile(r"^step-(\d+)$")
@@ -201,7 +201,7 @@ def load_model_for_sampling(path: str | Path, model_name: str | None = None,
         raise LatentDiTError(f"checkpoint {weights}: {e}") from None
     latent_norm = _json_meta(metadata, META_LATENT_NORM, weights)
     if latent_norm is not None:
-        from latentdit.autoencoder import LatentNorm
+        from latentdit.data.latent_norm import LatentNorm
 
         latent_norm = LatentNorm.from_dict(latent_norm, f"checkpoint {weights}: metadata {META_LATENT_NORM!r}")
     return SamplingCheckpoint(
@@ -217,7 +217,7 @@ def load_vae_for(ckpt: SamplingCheckpoint, spec: str | None = None, device: str 
 
     Checks that its latent channels match the model's input channels.
     """
-    from latentdit.autoencoder import BUNDLED_VAE, VAE
+    from latentdit.vae import BUNDLED_VAE, VAE
 
     vae = VAE.load(spec or ckpt.vae_spec or BUNDLED_VAE, device=device, dtype=dtype)
     if vae.latent_channels != ckpt.model.in_channels:

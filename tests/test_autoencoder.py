@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 import torch
 
-from latentdit.autoencoder import (BUNDLED_CLIPART_VAE, BUNDLED_VAE, BUNDLED_VAE_CARD_JSON, BUNDLED_VAES,
-                                   LATENT_NORMS, VAE, LatentNorm, bundled_vae_path, default_vae_for, psnr,
-                                   reconstruction_psnr)
+from latentdit.data.latent_norm import LATENT_NORMS, LatentNorm
+from latentdit.vae import (BUNDLED_CLIPART_VAE, BUNDLED_VAE, BUNDLED_VAE_CARD_JSON, BUNDLED_VAES, VAE, bundled_vae_path,
+                           default_vae_for, psnr, reconstruction_psnr)
 from latentdit.errors import LatentDiTError
 from latentdit.io import read_json, sha256_file
 
@@ -79,7 +79,7 @@ def test_moments_and_decode_match_autoencoderkl(tiny_dir):
 
 
 def test_cpu_calls_split_by_pixels_keep_order(tiny_dir, monkeypatch):
-    import latentdit.autoencoder as autoencoder
+    import latentdit.vae.autoencoder as autoencoder
 
     vae = VAE.load(tiny_dir)
     x = images(n=5)

@@ -26,7 +26,7 @@ from latentdit.data.latents import MANIFEST_NAME
 from latentdit.errors import LatentDiTError
 from latentdit.io import atomic_write, read_json, save_safetensors, torch_save, writable_target, write_json
 from test_extract import make_vae_dir
-from test_training import PoolVAE, extract, make_cfg, write_image_folder, write_yaml_cfg
+from training_helpers import PoolVAE, extract, make_cfg, write_image_folder, write_yaml_cfg
 
 REPO = Path(__file__).resolve().parents[1]
 PY = sys.executable

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from latentdit.distributed import _report_failures
-from test_training import PoolVAE, _free_port, extract, subprocess_env, write_image_folder, write_yaml_cfg
+from training_helpers import PoolVAE, extract, free_port, subprocess_env, write_image_folder, write_yaml_cfg
 
 REPO = Path(__file__).resolve().parents[1]
 TRAIN_TOOL = REPO / "tools" / "train.py"
@@ -90,7 +90,7 @@ def latents(tmp_path_factory) -> Path:
 
 
 def _launch(launcher: list[str], args: list[str], timeout: float = 300) -> subprocess.CompletedProcess:
-    cmd = [PY, *launcher, *TWO_CPU_PROCESSES, "--main_process_port", str(_free_port()), str(TRAIN_TOOL), *args]
+    cmd = [PY, *launcher, *TWO_CPU_PROCESSES, "--main_process_port", str(free_port()), str(TRAIN_TOOL), *args]
     return subprocess.run(cmd, env=subprocess_env(), capture_output=True, text=True, timeout=timeout)
 
 
@@ -141,7 +141,7 @@ def test_workers_stop_when_the_launcher_is_killed(latents, tmp_path):
     log_path = tmp_path / "log.txt"
     with open(log_path, "wb") as log:
         launcher = subprocess.Popen(
-            [PY, "-m", "accelerate.commands.launch", *TWO_CPU_PROCESSES, "--main_process_port", str(_free_port()),
+            [PY, "-m", "accelerate.commands.launch", *TWO_CPU_PROCESSES, "--main_process_port", str(free_port()),
              str(TRAIN_TOOL), "--config", str(cfg), f"train.run_dir={run}"],
             env=subprocess_env(), stdout=log, stderr=subprocess.STDOUT)
     workers: list[int] = []
@@ -182,7 +182,7 @@ def test_launched_cpu_workers_share_every_core(tmp_path, processes):
     env = {k: v for k, v in os.environ.items() if k not in ("OMP_NUM_THREADS", "MKL_NUM_THREADS")}
     env["CUDA_VISIBLE_DEVICES"] = ""
     launch = ["--num_processes", str(processes), "--num_machines", "1", "--mixed_precision", "no",
-              "--dynamo_backend", "no", "--main_process_port", str(_free_port())]
+              "--dynamo_backend", "no", "--main_process_port", str(free_port())]
     if processes > 1:
         launch.insert(0, "--multi_gpu")
     run = subprocess.run([PY, "-m", "latentdit.launch", *launch, str(script)], env=env, capture_output=True,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -139,3 +140,32 @@ def test_shipped_recipes_load(name):
         assert (t.global_batch_size, t.lr, t.weight_decay, t.ema_decay, t.max_steps, t.ckpt_every, t.warmup_steps) \
             == (256, 1e-4, 0.0, 0.9999, 400_000, 50_000, 0)
         assert cfg.diffusion.diffusion_steps == 1000 and cfg.diffusion.noise_schedule == "linear"
+
+
+# the process and block options
+
+FLOW = ["diffusion.process=flow", "model.learn_sigma=false"]
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["diffusion.process=fl0w"], "field 'diffusion.process': expected one of ddpm, flow, got 'fl0w'"),
+    (["diffusion.process=flow"], "field 'model.learn_sigma': expected false with diffusion.process=flow"),
+    ([*FLOW, "diffusion.prediction=eps"], "field 'diffusion.prediction': expected one of v, x, got 'eps'"),
+    ([*FLOW, "diffusion.time_sampling=beta"], "field 'diffusion.time_sampling': expected one of uniform, logit_normal"),
+    ([*FLOW, "diffusion.time_shift=0"], "field 'diffusion.time_shift': expected a finite number > 0, got 0.0"),
+    ([*FLOW, "diffusion.logit_std=-1"], "field 'diffusion.logit_std': expected a finite number > 0, got -1.0"),
+    ([*FLOW, "diffusion.loss_weighting=snr"], "field 'diffusion.loss_weighting': expected one of none"),
+    (["model.norm=batchnorm"], "field 'model.norm': expected one of layernorm, rmsnorm, got 'batchnorm'"),
+    (["model.mlp=relu"], "field 'model.mlp': expected one of gelu, swiglu, got 'relu'"),
+    (["model.pos=learned"], "field 'model.pos': expected one of sincos, rope2d, got 'learned'"),
+    (["model.qk_norm=maybe"], "field 'model.qk_norm': expected bool, got 'maybe'"),
+])
+def test_process_and_block_option_fields_are_validated(overrides, message):
+    with pytest.raises(LatentDiTError, match=re.escape(message)):
+        load_config(None, overrides)
+
+
+def test_defaults_are_the_papers_process_and_blocks():
+    cfg = load_config(None, [])
+    assert (cfg.diffusion.process, cfg.model.learn_sigma) == ("ddpm", True)
+    assert (cfg.model.norm, cfg.model.mlp, cfg.model.pos, cfg.model.qk_norm) == ("layernorm", "gelu", "sincos", False)

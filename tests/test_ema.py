@@ -1,4 +1,4 @@
-"""latentdit.training.ema: the exponential and the power-function (EDM2) moving averages."""
+"""The EMA of the DiT trainer (latentdit.training.ema): exponential, with warm-up, and power-function (EDM2)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,45 @@ import torch
 from torch import nn
 
 from latentdit.errors import LatentDiTError
-from latentdit.training.ema import EMA, power_decay, power_gamma, warmup_decay
+from latentdit.training import EMA
+from latentdit.training.ema import power_decay, power_gamma
+
+
+# ----------------------------------------------------------------------------------------------
+# EMA and checkpoint manager
+# ----------------------------------------------------------------------------------------------
+
+def test_ema_warmup_decay():
+    from latentdit.training.ema import warmup_decay
+
+    assert warmup_decay(0.9999, 0) == pytest.approx(0.1)
+    assert warmup_decay(0.9999, 90) == pytest.approx(91 / 100)
+    assert warmup_decay(0.99, 10_000) == 0.99  # capped by the configured decay
+    assert all(warmup_decay(0.9999, n) <= warmup_decay(0.9999, n + 1) for n in range(0, 5000, 7))
+
+
+def test_ema_math_and_frozen_params():
+    torch.manual_seed(0)
+    model = torch.nn.Linear(3, 2)
+    model.register_parameter("frozen", torch.nn.Parameter(torch.ones(2), requires_grad=False))
+    ema = EMA(model, decay=0.75)
+    assert ema.names == ["weight", "bias"]
+    w0 = model.weight.detach().clone()
+    with torch.no_grad():
+        model.weight.add_(1.0)
+        model.frozen.mul_(5)
+    ema.update(model)
+    torch.testing.assert_close(ema.shadow["weight"], 0.75 * w0 + 0.25 * (w0 + 1.0))
+    ema.update(model, decay=0.0)
+    torch.testing.assert_close(ema.shadow["weight"], w0 + 1.0)
+    sd = ema.state_dict(model)
+    assert set(sd) == {"weight", "bias", "frozen"}
+    torch.testing.assert_close(sd["frozen"], torch.full((2,), 5.0))  # frozen weights come from the model
+    other = EMA(model, 0.5)
+    other.load_state_dict(sd)
+    torch.testing.assert_close(other.shadow["weight"], ema.shadow["weight"])
+    with pytest.raises(LatentDiTError):
+        EMA(model, 1.5)
 
 
 @pytest.mark.parametrize("sigma_rel", [0.01, 0.05, 0.1, 0.2])
@@ -46,8 +84,3 @@ def test_power_ema_weights_every_update_as_the_profile_says():
     assert power_decay(gamma, 1) == 0.0  # the first update copies the weights
     with pytest.raises(LatentDiTError, match="counted from 1"):
         power_decay(gamma, 0)
-
-
-def test_warmup_decay_is_short_early_and_capped():
-    assert warmup_decay(0.9999, 0) == pytest.approx(0.1)
-    assert warmup_decay(0.9999, 10 ** 9) == 0.9999

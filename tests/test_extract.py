@@ -56,7 +56,7 @@ def vae_dir(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def vae(vae_dir):
-    from latentdit.autoencoder import VAE
+    from latentdit.vae import VAE
 
     return VAE.load(vae_dir)
 
@@ -173,7 +173,7 @@ def test_mismatched_directory_is_refused(images, vae, vae_dir, tmp_path):
     before = {p.name: p.stat().st_mtime_ns for p in out.iterdir()}
     with pytest.raises(LatentDiTError, match=r"image_size: 16 \(now 32\)"):
         run(images, out, vae, image_size=32)
-    from latentdit.autoencoder import VAE
+    from latentdit.vae import VAE
 
     other = VAE.load(make_vae_dir(tmp_path / "other-vae", seed=1))
     with pytest.raises(LatentDiTError, match=r"vae\.(config|weights)_sha256"):

@@ -25,7 +25,7 @@ def latent_dir(tmp_path_factory) -> Path:
     """12 images in two classes, encoded with a tiny random f2 VAE (scaling factor 0.5) into 3 shards."""
     from diffusers import AutoencoderKL
 
-    from latentdit.autoencoder import VAE
+    from latentdit.vae import VAE
 
     base = tmp_path_factory.mktemp("latents")
     torch.manual_seed(0)

@@ -48,7 +48,7 @@ def test_train_stage_uses_accelerate_and_resumes(tmp_path, monkeypatch):
     (name, train_cmd), (_, extract_cmd) = seen
     assert train_cmd[1:3] == ["-m", "latentdit.launch"] and str(REPO_ROOT / "tools" / "train.py") in train_cmd
     assert train_cmd[train_cmd.index("--resume") + 1] == "auto"
-    assert f"train.max_minutes=2.5" in train_cmd and train_cmd[-1] == "model.name=DiT-T/4"
+    assert "train.max_minutes=2.5" in train_cmd and train_cmd[-1] == "model.name=DiT-T/4"
     assert "data.flip=false" in train_cmd and "--no-flip" in extract_cmd
     assert extract_cmd[extract_cmd.index("--limit") + 1] == str(DemoSettings.extract_limit)
 

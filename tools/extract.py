@@ -18,9 +18,10 @@ from latentdit.cli import device_arg, make_parser, non_negative_int, positive_in
 def main(argv: Sequence[str] | None = None) -> int:
     import torch
 
-    from latentdit.autoencoder import BUNDLED_CLIPART_VAE, BUNDLED_VAE, LATENT_NORMS
+    from latentdit.data.latent_norm import LATENT_NORMS
     from latentdit.data.latents import STORAGE_DTYPES
     from latentdit.extraction import ExtractionSettings, extract_latents
+    from latentdit.vae import BUNDLED_CLIPART_VAE, BUNDLED_VAE
 
     p = make_parser(__doc__.strip().splitlines()[0])
     p.add_argument("--data", default="fashion-mnist",

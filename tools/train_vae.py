@@ -1,9 +1,10 @@
 """Train a small KL-f8 ``AutoencoderKL`` on Fashion-MNIST or your own image folder
-(the recipe: ``latentdit.vae_training``; settings: ``configs/vae_*.yaml``, overridable as section.field=value).
+(the recipe: ``latentdit.vae.training``; settings: ``configs/vae_*.yaml``, overridable as section.field=value).
 
     python tools/train_vae.py --config configs/vae_fashion_mnist.yaml --out runs/vae
     python tools/train_vae.py --config configs/vae_clipart.yaml --data /path/to/images --out runs/vae_mine
     python tools/train_vae.py --config configs/vae_clipart.yaml --out runs/vae_mine --resume   # after a stop
+    python -m latentdit.launch --num_processes 2 tools/train_vae.py --config ... --out ...  # data parallel
 """
 
 from __future__ import annotations
@@ -16,8 +17,8 @@ from typing import Sequence
 import torch
 
 from latentdit.cli import make_parser, non_negative_float, positive_int, run_main
-from latentdit.config import load_vae_config
-from latentdit.vae_training import train_vae
+from latentdit.vae.config import load_vae_config
+from latentdit.vae.training import train_vae
 
 
 def build_parser():
@@ -30,7 +31,8 @@ def build_parser():
     p.add_argument("--image-size", type=positive_int, default=None, help="sets data.image_size")
     p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in OUT/checkpoints")
     p.add_argument("--max-minutes", type=non_negative_float, default=None,
-                   help="stop training after this many minutes (checkpoint, then export as usual)")
+                   help="stop training after this many minutes (checkpoint, then export as usual; 0 = no limit); "
+                        "sets train.max_minutes")
     p.add_argument("--threads", type=positive_int, default=None, help="torch intra-op threads (default: torch's choice)")
     p.add_argument("--intended-use", default="", help="model card text: what kinds of images the VAE suits")
     p.add_argument("--history", default="", help="model card text: earlier versions and their figures")
@@ -47,12 +49,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         overrides.append(f"data.source={args.data}")
     if args.image_size is not None:
         overrides.append(f"data.image_size={args.image_size}")
+    if args.max_minutes is not None:
+        overrides.append(f"train.max_minutes={args.max_minutes}")
     cfg = load_vae_config(args.config, overrides)
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     command = "python tools/train_vae.py " + shlex.join(list(argv) if argv is not None else sys.argv[1:])
-    train_vae(cfg, args.out, resume=args.resume, max_minutes=args.max_minutes, contention_note=args.contention_note,
-              command=command, intended_use=args.intended_use, history=args.history)
+    train_vae(cfg, args.out, resume=args.resume, contention_note=args.contention_note, command=command,
+              intended_use=args.intended_use, history=args.history)
     return 0
 
 

@@ -176,9 +176,9 @@ MANIFEST_FIELDS: tuple[tuple[str, str, Any], ...] = (
 
 
 def manifest_latent_norm(manifest: Mapping[str, Any], path: str | os.PathLike = MANIFEST_NAME):
-    """The :class:`latentdit.autoencoder.LatentNorm` of a manifest (scalar ``scaling_factor`` when it records
+    """The :class:`latentdit.data.latent_norm.LatentNorm` of a manifest (scalar ``scaling_factor`` when it records
     none, as every manifest written before per-channel normalisation existed)."""
-    from latentdit.autoencoder import LatentNorm
+    from latentdit.data.latent_norm import LatentNorm
 
     if manifest.get("latent_norm") is None:
         return LatentNorm("scalar", float(manifest["scaling_factor"]))
@@ -285,7 +285,7 @@ class LatentDataset(torch.utils.data.Dataset):
     """Stored latents for training: item ``i`` is ``(latent [C, h, w] float32, label long)`` where
     ``latent = normalize(mean + std * noise)`` from the image's or (with probability 1/2 when ``flip``) its
     horizontal flip's stored moments; ``normalize`` is the manifest's latent normalisation
-    (:class:`latentdit.autoencoder.LatentNorm`: ``× scaling_factor`` unless extracted per channel).
+    (:class:`latentdit.data.latent_norm.LatentNorm`: ``× scaling_factor`` unless extracted per channel).
 
     The noise and flip of item ``i`` come from a generator seeded by ``(seed, epoch, i)``, so an item is a
     pure function of those three (exact resume, any number of processes or workers). Call

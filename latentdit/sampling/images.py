@@ -23,7 +23,7 @@ def images_to_uint8(images: torch.Tensor) -> np.ndarray:
 @torch.no_grad()
 def decode_images(vae, latents: torch.Tensor, batch_size: int = 32, norm=None) -> torch.Tensor:
     """Normalised latents → images in [-1, 1] (float32 NCHW, CPU) via ``vae.decode``, which undoes ``norm``
-    (a :class:`latentdit.autoencoder.LatentNorm`, e.g. a checkpoint's ``latent_norm``; None: the VAE's
+    (a :class:`latentdit.data.latent_norm.LatentNorm`, e.g. a checkpoint's ``latent_norm``; None: the VAE's
     scaling factor)."""
     if latents.shape[1] != vae.latent_channels:
         raise LatentDiTError(f"latents have {latents.shape[1]} channels but the VAE expects {vae.latent_channels}")

@@ -66,7 +66,7 @@ def save_denoising_trajectory(model: torch.nn.Module, vae, labels: Sequence[int]
     """Sample ``labels`` with the chosen sampler and write how each sample forms: decoded x_t and x̂0 at
     ~``num_points`` points along the chain (see :func:`record_trajectory`,
     :func:`latentdit.visualize.save_trajectory_grid`); ``norm``: the latents'
-    :class:`latentdit.autoencoder.LatentNorm` (None: the VAE's scaling factor)."""
+    :class:`latentdit.data.latent_norm.LatentNorm` (None: the VAE's scaling factor)."""
     points, _ = record_trajectory(model, labels, settings, process=process, seed=seed, indices=indices,
                                   num_points=num_points, device=device, dtype=dtype)
     names = [label_text(int(lab), class_names) for lab in labels]

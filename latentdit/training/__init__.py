@@ -1,8 +1,7 @@
-"""Training: the loop (:func:`train`), EMA, checkpoints with exact resume, data order."""
+"""The DiT trainer: the loop (:func:`train`), EMA, DiT checkpoints with exact resume, data order.
+The machinery it shares with VAE training lives in :mod:`latentdit.engine`."""
 
-from latentdit.training.checkpoint import CheckpointManager, resolve_resume
 from latentdit.training.ema import EMA
-from latentdit.training.trainer import TrainResult, check_batch_layout, enable_tf32, train
+from latentdit.training.trainer import TrainResult, train
 
-__all__ = ["CheckpointManager", "EMA", "TrainResult", "check_batch_layout", "enable_tf32", "resolve_resume",
-           "train"]
+__all__ = ["EMA", "TrainResult", "train"]

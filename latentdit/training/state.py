@@ -9,7 +9,6 @@ uninterrupted one step for step (see :mod:`latentdit.training.checkpoint` for th
 
 from __future__ import annotations
 
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,17 +17,22 @@ from typing import Any
 import torch
 
 from latentdit.config import Config, save_config
+from latentdit.engine.accelerator import enable_tf32, make_accelerator
+from latentdit.engine.checkpoint import (
+    OPTIMIZER_FILE, SCHEDULER_FILE, CheckpointManager, resolve_resume, restore_rng_state,
+)
+from latentdit.engine.optim import build_adamw
+from latentdit.engine.runlog import METRICS_FILE, truncate_metrics
+from latentdit.engine.schedule import lr_scheduler
 from latentdit.errors import LatentDiTError
-from latentdit.io import load_safetensors, torch_load, torch_save, write_json
+from latentdit.io import load_safetensors, torch_load, torch_save
+from latentdit.seeding import seed_for
 from latentdit.training import sharding
 from latentdit.training.checkpoint import (
-    EMA_FILE, MODEL_FILE, OPTIMIZER_FILE, SCHEDULER_FILE, STATE_FILE, CheckpointManager,
-    check_resume_latents, latents_identity, read_state, resolve_resume, rng_file, rng_state, set_rng_state,
+    EMA_FILE, MODEL_FILE, check_resume_latents, latents_identity, read_state,
 )
-from latentdit.seeding import seed_for
 from latentdit.training.data import BatchLayout, EpochIndexed, StepBatchSampler
 from latentdit.training.ema import EMA
-from latentdit.training.progress import METRICS_FILE
 from latentdit.weights import save_weights
 
 CONFIG_FILE = "config.yaml"
@@ -84,13 +88,6 @@ class TrainState:
 # building blocks
 # ------------------------------------------------------------------------------------------------
 
-def enable_tf32() -> None:
-    """TF32 matmuls/convolutions on Ampere+ GPUs (call from an entry point, never at import)."""
-    if torch.cuda.is_available():
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
-
-
 def check_batch_layout(global_batch_size: int, num_processes: int, grad_accum: int) -> int:
     """Micro-batch size per process; raises unless the global batch splits evenly."""
     div = num_processes * grad_accum
@@ -145,11 +142,9 @@ def build_model(cfg: Config, dataset):
 
 
 def build_optimizer(model: torch.nn.Module, t_cfg, device: torch.device) -> torch.optim.AdamW:
-    """AdamW over the trainable parameters; the fused kernel on CPU and CUDA (one pass over all
-    parameters instead of a Python loop per tensor)."""
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    return torch.optim.AdamW(trainable, lr=t_cfg.lr, betas=tuple(t_cfg.betas), eps=t_cfg.adam_eps,
-                             weight_decay=t_cfg.weight_decay, fused=device.type in ("cpu", "cuda"))
+    """The shared AdamW (:func:`latentdit.engine.optim.build_adamw`) with the ``train`` section's settings."""
+    return build_adamw(model, t_cfg.lr, weight_decay=t_cfg.weight_decay, betas=t_cfg.betas, eps=t_cfg.adam_eps,
+                       device=device)
 
 
 def _config_diff(a: dict[str, Any], b: dict[str, Any]) -> list[str]:
@@ -209,51 +204,17 @@ def _versions() -> dict[str, str]:
 
 
 def _make_accelerator(cfg: Config):
-    from accelerate import Accelerator
-    from accelerate.utils import DistributedType
-
-    # Several processes without CUDA (e.g. `accelerate launch --multi_gpu --num_processes 2` on a CPU
-    # machine): accelerate sets up gloo (MULTI_CPU) only when asked for the CPU explicitly.
-    multi_cpu = not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1
     t_cfg = cfg.train
-    accelerator = Accelerator(
-        cpu=multi_cpu,
-        mixed_precision="no" if t_cfg.fsdp else t_cfg.mixed_precision,  # FSDP2: precision through its policy
-        log_with="tensorboard" if t_cfg.tensorboard else None,
-        project_dir=str(cfg.resolved_run_dir()),
-        step_scheduler_with_optimizer=False,
-    )
-    if accelerator.distributed_type not in (DistributedType.NO, DistributedType.MULTI_CPU,
-                                            DistributedType.MULTI_GPU):
-        raise LatentDiTError(
-            f"accelerate distributed type {accelerator.distributed_type.value} is not supported: launch with "
-            "`accelerate launch --multi_gpu` (DDP), and add train.fsdp=true to shard parameters, gradients and "
-            "optimizer state across the processes (FSDP2, applied by this trainer)")
+    accelerator = make_accelerator(
+        cfg.resolved_run_dir(), mixed_precision="no" if t_cfg.fsdp else t_cfg.mixed_precision,  # FSDP2: its policy
+        tensorboard=t_cfg.tensorboard,
+        hint="add train.fsdp=true to shard parameters, gradients and optimizer state across the processes "
+             "(FSDP2, applied by this trainer)")
     if t_cfg.fsdp and accelerator.num_processes == 1:
         raise LatentDiTError("train.fsdp=true shards the model across processes, but this is a single process: "
                              "launch with `accelerate launch --multi_gpu --num_processes N` (N >= 2), or drop "
                              "train.fsdp")
     return accelerator
-
-
-def _truncate_metrics(path: Path, step: int) -> None:
-    """Keep only metric rows of steps ≤ ``step`` (rows a killed run logged after its last checkpoint)."""
-    import json
-
-    from latentdit.io import atomic_write
-
-    if not path.is_file():
-        return
-    keep = []
-    for line in path.read_text().splitlines():
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError:
-            continue  # a line cut short by a kill
-        if row.get("step", 0) <= step:
-            keep.append(line)
-    with atomic_write(path, "w") as f:
-        f.write("".join(line + "\n" for line in keep))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -302,7 +263,7 @@ def setup(cfg: Config, resume: str | None = None) -> TrainState:
         ckpts.clean_temporaries()
         save_config(cfg, run_dir / CONFIG_FILE)
         if ckpt is not None:
-            _truncate_metrics(run_dir / METRICS_FILE, start_step)
+            truncate_metrics(run_dir / METRICS_FILE, start_step)
         elif (run_dir / METRICS_FILE).exists():
             (run_dir / METRICS_FILE).unlink()
     accelerator.wait_for_everyone()
@@ -315,9 +276,7 @@ def setup(cfg: Config, resume: str | None = None) -> TrainState:
     if t_cfg.fsdp:
         sharding.shard_dit(model, torch.bfloat16 if t_cfg.mixed_precision == "bf16" else None)
     optimizer = build_optimizer(model, t_cfg, device)
-    warmup = t_cfg.warmup_steps
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: min(1.0, (s + 1) / warmup) if warmup > 0 else 1.0)
+    scheduler = lr_scheduler(optimizer, t_cfg.warmup_steps)  # warm-up, then constant
     ema = EMA(model, t_cfg.ema_decay)
     if ckpt is not None:
         ema_tensors, _ = load_safetensors(ckpt / EMA_FILE)
@@ -328,9 +287,7 @@ def setup(cfg: Config, resume: str | None = None) -> TrainState:
         else:
             optimizer.load_state_dict(opt_state)
         scheduler.load_state_dict(torch_load(ckpt / SCHEDULER_FILE, "LR scheduler state"))
-        rng_path = ckpt / rng_file(rank)
-        if rng_path.is_file():
-            set_rng_state(torch_load(rng_path, "RNG state"))
+        restore_rng_state(ckpt, rank)
     else:
         torch.manual_seed(seed_for("latentdit-process", t_cfg.seed, rank))
     raw_model = model
@@ -375,36 +332,28 @@ def check_finite(state: TrainState) -> None:
 def save_checkpoint(state: TrainState) -> Path:
     """Write the checkpoint of ``state.step`` (collective); refuses to save after a non-finite loss."""
     check_finite(state)
-    acc, step, ckpts, is_main = state.accelerator, state.step, state.ckpts, state.is_main
-    if is_main:
-        ckpts.begin(step)
-    acc.wait_for_everyone()
-    tmp = ckpts.tmp_path(step)
-    torch_save(rng_state(), tmp / rng_file(acc.process_index))
-    if state.sharded:
+    acc, step, is_main = state.accelerator, state.step, state.is_main
+    if state.sharded:  # gathered by every process
         model_sd = sharding.full_model_state(state.model, keep=is_main)
         opt_sd = sharding.full_optimizer_state(state.model, state.optimizer, keep=is_main)
     else:
         model_sd, opt_sd = acc.get_state_dict(state.model), state.optimizer.state_dict()
     ema_sd = state.ema.state_dict(state.raw_model)
-    ds, process = state.dataset, state.process
-    if is_main:
+    ds, process, t_cfg = state.dataset, state.process, state.cfg.train
+
+    def write_files(tmp: Path) -> None:
         meta = dict(class_names=ds.class_names, vae=ds.vae, process=process.metadata(),
                     latent_norm=ds.latent_norm.to_dict(), diffusion=process.legacy_metadata())
         save_weights(model_sd, tmp / MODEL_FILE, state.model_config, **meta)
         save_weights(ema_sd, tmp / EMA_FILE, state.model_config, **meta)
         torch_save(opt_sd, tmp / OPTIMIZER_FILE)
         torch_save(state.scheduler.state_dict(), tmp / SCHEDULER_FILE)
-    acc.wait_for_everyone()
-    if is_main:
-        epoch, pos = divmod(step, state.steps_per_epoch)
-        t_cfg = state.cfg.train
-        write_json(tmp / STATE_FILE, {
-            "step": step, "epoch": epoch, "position": pos, "steps_per_epoch": state.steps_per_epoch,
-            "global_batch_size": t_cfg.global_batch_size, "num_processes": state.world, "seed": t_cfg.seed,
-            "model_config": state.model_config, "process": process.metadata(), "class_names": ds.class_names,
-            "config": state.cfg.to_dict(), "latents": latents_identity(ds.manifest), "versions": _versions(),
-            "time": time.time()})
-        ckpts.commit(step)
-    acc.wait_for_everyone()
-    return ckpts.final_path(step)
+
+    epoch, pos = divmod(step, state.steps_per_epoch)
+    record = {
+        "step": step, "epoch": epoch, "position": pos, "steps_per_epoch": state.steps_per_epoch,
+        "global_batch_size": t_cfg.global_batch_size, "num_processes": state.world, "seed": t_cfg.seed,
+        "model_config": state.model_config, "process": process.metadata(), "class_names": ds.class_names,
+        "config": state.cfg.to_dict(), "latents": latents_identity(ds.manifest), "versions": _versions(),
+        "time": time.time()}
+    return state.ckpts.save(acc, step, write_files, record)

@@ -9,8 +9,8 @@ One call to :func:`train` runs (or resumes) a run directory::
     <run_dir>/checkpoints/step-*/  see :mod:`latentdit.training.checkpoint`
 
 The parts live next door: :mod:`~latentdit.training.state` builds the run (:class:`TrainState`) and
-writes its checkpoints, :mod:`~latentdit.training.progress` reports it. The loss comes from the run's
-process object (``diffusion.process``: ddpm or flow), so nothing here knows which one it trains.
+writes its checkpoints; :mod:`latentdit.engine` logs it and keeps its time budget. The loss comes from
+the run's process object (``diffusion.process``: ddpm or flow), so nothing here knows which one it trains.
 Data order and per-step randomness follow :mod:`latentdit.training.data`, so the losses do not
 depend on the number of processes and a resumed run repeats an uninterrupted one step for step.
 """
@@ -26,13 +26,13 @@ from typing import Any, Callable, Iterator, NamedTuple
 import torch
 
 from latentdit.config import Config
+from latentdit.engine.budget import TimeBudget
+from latentdit.engine.runlog import RunLog
 from latentdit.training import sharding
 from latentdit.training.data import StepRandomness
 from latentdit.training.ema import warmup_decay
-from latentdit.training.progress import RunLog, SampleGrid
-from latentdit.training.state import (  # noqa: F401 (check_batch_layout, enable_tf32: public from here too)
-    TrainState, check_batch_layout, check_finite, enable_tf32, note_loss, save_checkpoint, setup,
-)
+from latentdit.training.samples import SampleGrid
+from latentdit.training.state import TrainState, check_finite, note_loss, save_checkpoint, setup
 
 LossHook = Callable[[int, torch.Tensor], torch.Tensor]
 
@@ -98,20 +98,6 @@ def train_step(state: TrainState, batches: Iterator, loss_hook: LossHook | None 
     return StepResult(step_loss, lr, grad_norm)
 
 
-def budget_spent(state: TrainState, log: RunLog, log_now: bool) -> bool:
-    """Whether ``train.max_minutes`` has run out. Several processes agree through rank 0's clock, and
-    ask only at log and checkpoint steps (a collective)."""
-    t = state.cfg.train
-    if t.max_minutes <= 0 or not (state.world == 1 or log_now or state.step % t.ckpt_every == 0):
-        return False
-    spent = log.elapsed_s() >= t.max_minutes * 60
-    if state.world > 1:
-        from accelerate.utils import broadcast
-
-        spent = bool(broadcast(torch.tensor([float(spent)], device=state.device), from_process=0).item())
-    return spent
-
-
 def write_sample_grid(state: TrainState, grid: SampleGrid, log: RunLog) -> None:
     """The EMA's sample grid of this step (every process takes part: the EMA is gathered when sharded)."""
     ema_sd = state.ema.state_dict(state.raw_model)
@@ -129,7 +115,10 @@ def train(cfg: Config, resume: str | None = None, *, loss_hook: LossHook | None 
     """
     t = cfg.train
     state = setup(cfg, resume)
-    log = RunLog(cfg, state.accelerator, state.run_dir, state.step, state.steps_per_epoch)
+    log = RunLog(state.accelerator, state.run_dir, start_step=state.step, max_steps=t.max_steps,
+                 max_minutes=t.max_minutes, batch_size=t.global_batch_size, tensorboard=t.tensorboard,
+                 hparams=cfg.to_dict(), steps_per_epoch=state.steps_per_epoch)
+    budget = TimeBudget(t.max_minutes, state.accelerator)
     grid = SampleGrid(cfg, state.dataset, state.model_config, state.process, state.device) \
         if t.sample_every > 0 else None
     if state.resumed_from is not None:
@@ -140,12 +129,13 @@ def train(cfg: Config, resume: str | None = None, *, loss_hook: LossHook | None 
         while state.step < t.max_steps:
             log_now = (state.step + 1) % t.log_every == 0 or state.step + 1 == t.max_steps
             out = train_step(state, batches, loss_hook, measure_grad_norm=log_now)
-            log.add(state.step, out.loss)
+            log.add(state.step, {"loss": out.loss})
             if state.device.type == "cpu" or log_now:  # a host sync: every step on CPU only
                 check_finite(state)
             if log_now:
                 log.log(state.step, out.lr, out.grad_norm)
-            out_of_time = budget_spent(state, log, log_now)
+            # several processes ask at log and checkpoint steps only (the question is a collective)
+            out_of_time = budget.spent(log_now or state.step % t.ckpt_every == 0)
             if state.step % t.ckpt_every == 0 or state.step == t.max_steps or out_of_time:
                 last_ckpt = save_checkpoint(state)
             if grid is not None and state.step % t.sample_every == 0:

@@ -1,0 +1,157 @@
+"""The shared training machinery (latentdit.engine): checkpoints, the LR schedule, the optimizer's groups,
+the resume config check, the time budget, the run log and its progress bar."""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from latentdit.engine.budget import TimeBudget
+from latentdit.engine.checkpoint import CheckpointManager, config_differences
+from latentdit.engine.optim import build_adamw
+from latentdit.engine.schedule import lr_at, lr_scheduler
+from latentdit.errors import LatentDiTError
+
+
+def _fake_checkpoint(mgr: CheckpointManager, step: int) -> None:
+    tmp = mgr.begin(step)
+    (tmp / "state.json").write_text(json.dumps({"step": step}))
+    mgr.commit(step)
+
+
+def test_checkpoint_keep_last_and_milestones(tmp_path):
+    mgr = CheckpointManager(tmp_path, keep_last=2, milestone_every=4)
+    for step in range(1, 10):
+        _fake_checkpoint(mgr, step)
+    assert [c.step for c in mgr.list()] == [4, 8, 9]
+    # an unfinished checkpoint directory (killed mid-write) is never listed nor resumed from
+    tmp = mgr.begin(10)
+    (tmp / "model.safetensors").write_bytes(b"partial")
+    assert mgr.latest().name == "step-0000009"
+    mgr.clean_temporaries()
+    assert not tmp.exists()
+    with pytest.raises(LatentDiTError, match="incomplete"):
+        mgr.begin(11)
+        mgr.commit(11)
+
+
+
+def test_time_budget_bar_shows_minutes_and_the_eta_of_the_budget():
+    from latentdit.engine.runlog import ProgressBar
+
+    now = [0.0]
+    bar = ProgressBar(0, 400_000, 5.0, clock=lambda: now[0], file=io.StringIO(), mininterval=0)
+    for step in range(1, 11):  # 10 steps in 2 minutes: max_steps is hours away, the budget ends in 3 minutes
+        now[0] += 12.0
+        bar.update(step)
+    bar.set_postfix({"loss": "0.5000"})
+    assert str(bar.bar).endswith("| 2.0/5.0 min, eta 03:00, step 10, loss=0.5000")
+    assert str(bar.bar).startswith("train:  40%")
+
+
+def test_time_budget_bar_ends_at_max_steps_when_that_comes_first():
+    from latentdit.engine.runlog import ProgressBar
+
+    now = [0.0]
+    bar = ProgressBar(20, 120, 60.0, clock=lambda: now[0], file=io.StringIO(), mininterval=0)  # resumed at 20
+    for step in range(21, 31):  # 10 steps a minute: the last 90 steps take 9 more minutes, not 59
+        now[0] += 6.0
+        bar.update(step)
+    assert str(bar.bar).endswith("| 1.0/10.0 min, eta 09:00, step 30")
+
+
+def test_step_bar_without_a_budget():
+    from latentdit.engine.runlog import ProgressBar
+
+    bar = ProgressBar(5, 100, 0.0, file=io.StringIO())
+    bar.update(8)
+    assert (bar.bar.n, bar.bar.total) == (8, 100)
+
+
+
+def test_warmup_then_constant_and_warmup_then_cosine():
+    # the DiT recipe: linear warm-up, then constant (the factor the trainer's LambdaLR applies)
+    assert [lr_at(s, 1.0, 4) for s in range(6)] == [0.25, 0.5, 0.75, 1.0, 1.0, 1.0]
+    assert [lr_at(s, 1.0, 0) for s in range(3)] == [1.0, 1.0, 1.0]
+    # VAE training: warm-up, then cosine from lr to lr * min_lr_ratio at total_steps (and there after)
+    lr, warmup, total, floor = 1e-3, 10, 110, 0.05
+    assert lr_at(4, lr, warmup, total, floor) == lr * 5 / warmup
+    assert lr_at(warmup, lr, warmup, total, floor) == pytest.approx(lr)
+    assert lr_at(60, lr, warmup, total, floor) == pytest.approx(lr * (floor + (1 - floor) * 0.5))
+    assert lr_at(total, lr, warmup, total, floor) == pytest.approx(lr * floor)
+    assert lr_at(total + 50, lr, warmup, total, floor) == lr_at(total, lr, warmup, total, floor)
+
+
+def test_lr_scheduler_applies_the_schedule_as_a_factor():
+    p = torch.nn.Parameter(torch.zeros(2))
+    opt = torch.optim.SGD([p], lr=0.2)
+    sched = lr_scheduler(opt, 3)
+    seen = []
+    for _ in range(5):
+        seen.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    assert seen == [0.2 * (1 / 3), 0.2 * (2 / 3), 0.2 * 1.0, 0.2, 0.2]
+
+
+def test_optimizer_spares_norms_biases_and_embeddings_from_weight_decay():
+    model = torch.nn.Sequential(torch.nn.Embedding(5, 4), torch.nn.Linear(4, 4), torch.nn.LayerNorm(4))
+    opt = build_adamw(model, 1e-3, weight_decay=0.1)
+    decay, no_decay = opt.param_groups
+    assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
+    assert [p is model[1].weight for p in decay["params"]] == [True]
+    names = {id(p): n for n, p in model.named_parameters()}
+    assert sorted(names[id(p)] for p in no_decay["params"]) == ["0.weight", "1.bias", "2.bias", "2.weight"]
+    # without weight decay: one group of every trainable parameter (the DiT default)
+    model[2].weight.requires_grad_(False)
+    (group,) = build_adamw(model, 1e-3).param_groups
+    assert len(group["params"]) == 4 and group["weight_decay"] == 0.0
+
+
+def test_config_differences_leave_out_the_resumable_fields():
+    saved = {"train": {"lr": 1.0, "steps": 10}, "data": {"source": "a"}, "name": "x"}
+    now = {"train": {"lr": 2.0, "steps": 20, "new": 1}, "data": {"source": "a"}, "name": "y"}
+    assert config_differences(saved, now, {("train", "steps")}) == ["train.lr", "train.new"]
+    assert config_differences(saved, saved, set()) == []
+
+
+def test_time_budget_of_one_process_asks_every_step():
+    now = [0.0]
+    one = SimpleNamespace(num_processes=1)
+    budget = TimeBudget(2.0, one, clock=lambda: now[0])
+    now[0] = 119.0
+    assert not budget.spent(False)
+    now[0] = 120.0
+    assert budget.spent(False) and budget.spent(True)
+    assert not TimeBudget(0.0, one, clock=lambda: now[0]).spent(True)  # 0 = no budget
+    # several processes: only a step they all reach may answer (a collective)
+    assert not TimeBudget(1e-9, SimpleNamespace(num_processes=2), clock=lambda: now[0]).spent(False)
+
+
+def test_run_log_averages_named_values_and_records_throughput(tmp_path):
+    from accelerate import Accelerator
+
+    from latentdit.engine.runlog import RunLog, truncate_metrics
+
+    log = RunLog(Accelerator(cpu=True), tmp_path, start_step=0, max_steps=4, max_minutes=0.0, batch_size=8,
+                 tensorboard=False, steps_per_epoch=3)
+    log.add(1, {"loss": torch.tensor(1.0), "rec": torch.tensor(0.5)})
+    log.add(2, {"loss": torch.tensor(3.0), "rec": torch.tensor(0.5), "gan": torch.tensor(-1.0)})
+    row = log.log(2, 1e-3, grad_norm=torch.tensor(2.0))
+    log.add(3, {"loss": torch.tensor(5.0)})
+    log.log(3, 1e-3)
+    log.close()
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert rows[0] == row and (row["step"], row["epoch"], row["loss"], row["rec"], row["gan"]) == (2, 0, 2.0, 0.5, -1.0)
+    assert row["grad_norm"] == 2.0 and row["threads"] == torch.get_num_threads()
+    assert math.isclose(row["img_per_sec"], 8 * row["steps_per_sec"])
+    assert (rows[1]["step"], rows[1]["epoch"], rows[1]["loss"], rows[1]["grad_norm"]) == (3, 1, 5.0, None)
+    with open(tmp_path / "metrics.jsonl", "a") as f:
+        f.write('{"step": 4, "lo')  # a line cut short by a kill
+    truncate_metrics(tmp_path / "metrics.jsonl", 2)
+    assert [json.loads(line)["step"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()] == [2]
