@@ -303,7 +303,7 @@ def test_default_labels():
 
 
 def test_decode_to_uint8_and_vae_check(tmp_path, tiny_model):
-    from latentdit.autoencoder import VAE
+    from latentdit.vae import VAE
 
     vae = VAE.load(make_tiny_vae_dir(tmp_path / "vae"))
     assert vae.scaling_factor == 0.5
