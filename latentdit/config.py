@@ -17,9 +17,9 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from latentdit import typed_config
+from latentdit.errors import LatentDiTError
 
 MIXED_PRECISION_CHOICES = ("no", "bf16", "fp16")
-NOISE_SCHEDULE_CHOICES = ("linear", "cosine")
 
 
 @dataclass
@@ -28,6 +28,12 @@ class ModelConfig:
     set ``input_size`` / ``in_channels`` / ``num_classes`` only to assert them."""
 
     name: str = "DiT-S/2"
+    # the named size's numbers, changed (a model sized for a compute budget): 0 keeps the name's value;
+    # the weights record the resolved numbers
+    depth: int = 0
+    hidden_size: int = 0
+    num_heads: int = 0
+    patch_size: int = 0
     class_dropout_prob: float = 0.1
     learn_sigma: bool = True      # must be false with diffusion.process=flow (no variance to learn)
     grad_checkpointing: bool = False
@@ -81,11 +87,20 @@ class TrainConfig:
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
     adam_eps: float = 1e-8
     warmup_steps: int = 0
+    # after the warm-up: constant | cosine (to min_lr_ratio·lr at the end of the run) | wsd (constant, then
+    # linear to min_lr_ratio·lr over the last decay_fraction of the run). The run's length is max_steps, or
+    # its max_minutes budget when it has one (then the schedule follows the fraction of the budget used)
+    lr_schedule: str = "constant"
+    min_lr_ratio: float = 0.0
+    decay_fraction: float = 0.2
     grad_clip: float = 0.0
     max_steps: int = 400_000
-    max_minutes: float = 0.0
+    max_minutes: float = 0.0      # time budget; a resumed run continues it
     ema_decay: float = 0.9999
     ema_warmup: bool = False      # decay min(ema_decay, (1+n)/(10+n)) after n updates: for short runs
+    # > 0: a power-function EMA (EDM2) whose average spans this relative std of the run so far, in place
+    # of ema_decay / ema_warmup (leave those at their defaults); 0 = off
+    ema_sigma_rel: float = 0.0
     mixed_precision: str = "no"
     compile: bool = False
     fsdp: bool = False            # shard params, grads and AdamW state across processes (FSDP2), for L/XL
@@ -162,46 +177,48 @@ def save_config(cfg: Config, path: str | os.PathLike) -> None:
 # value checks
 # --------------------------------------------------------------------------------------------
 
+def model_arguments(m: ModelConfig) -> dict[str, Any]:
+    """The model section as :class:`~latentdit.models.dit.DiT` arguments, the named architecture resolved
+    (those from the data, ``input_size`` / ``in_channels`` / ``num_classes``, only where the section states them)."""
+    from latentdit.models.registry import resolve_arch
+
+    stated = {k: getattr(m, k) for k in ("input_size", "in_channels", "num_classes") if getattr(m, k) is not None}
+    return dict(resolve_arch(m.name, m.depth, m.hidden_size, m.num_heads, m.patch_size), **stated,
+                class_dropout_prob=m.class_dropout_prob, learn_sigma=m.learn_sigma,
+                grad_checkpointing=m.grad_checkpointing, norm=m.norm, mlp=m.mlp, pos=m.pos, qk_norm=m.qk_norm)
+
+
 def validate_config(cfg: Config, source: str = "config") -> None:
-    """Range and choice checks that do not depend on the data (those live in the trainer)."""
-    from latentdit.diffusion.flow import LOSS_WEIGHTINGS, PREDICTIONS, TIME_SAMPLINGS
-    from latentdit.diffusion.process import PROCESSES
-    from latentdit.models.dit import MLPS, NORMS, POSITIONS
+    """Check every setting that does not depend on the data (those the trainer checks against the latents).
+
+    The model, the diffusion process and the LR schedule check their own settings (their messages name the
+    field); they are asked here, so a bad value stops a run before any work. What is left here belongs to
+    the config: ranges of the trainer's own fields and rules that join fields of different parts (the EMA
+    settings are checked by :mod:`latentdit.training.ema` when the trainer starts, before it reads data)."""
+    from latentdit.diffusion import build_process
+    from latentdit.engine.schedule import check_schedule
+    from latentdit.models.dit import check_arguments
 
     def fail(name: str, expected: str, got: Any) -> None:
         raise typed_config.field_error(source, name, expected, got)
 
     m, d, t = cfg.model, cfg.diffusion, cfg.train
-    if not m.name:
-        fail("model.name", "a DiT name such as DiT-S/2", m.name)
-    if not 0.0 <= m.class_dropout_prob < 1.0:
-        fail("model.class_dropout_prob", "a probability in [0, 1)", m.class_dropout_prob)
-    for name in ("input_size", "in_channels", "num_classes"):
-        v = getattr(m, name)
-        if v is not None and v < 1:
-            fail(f"model.{name}", "a positive integer or null", v)
-    if d.noise_schedule not in NOISE_SCHEDULE_CHOICES:
-        fail("diffusion.noise_schedule", f"one of {', '.join(NOISE_SCHEDULE_CHOICES)}", d.noise_schedule)
-    if d.diffusion_steps < 1:
-        fail("diffusion.diffusion_steps", "a positive integer", d.diffusion_steps)
-    if not 1 <= d.sample_steps <= d.diffusion_steps:
+    for name in ("depth", "hidden_size", "num_heads", "patch_size"):
+        if getattr(m, name) < 0:
+            fail(f"model.{name}", "an integer >= 1, or 0 for the value of model.name", getattr(m, name))
+    try:
+        arguments = model_arguments(m)
+        arguments.pop("learn_sigma"), arguments.pop("grad_checkpointing")
+        check_arguments(**arguments)
+        build_process(d).out_channels(1, m.learn_sigma)  # the flow process refuses a learned σ
+        check_schedule(t.lr_schedule, t.min_lr_ratio, t.decay_fraction)
+    except LatentDiTError as e:
+        raise LatentDiTError(f"{source}: {e}") from None
+    if d.process == "ddpm" and not 1 <= d.sample_steps <= d.diffusion_steps:
         fail("diffusion.sample_steps", f"an integer in [1, diffusion.diffusion_steps={d.diffusion_steps}]",
              d.sample_steps)
-    for name, choices in (("process", PROCESSES), ("prediction", PREDICTIONS),
-                          ("time_sampling", TIME_SAMPLINGS), ("loss_weighting", LOSS_WEIGHTINGS)):
-        if getattr(d, name) not in choices:
-            fail(f"diffusion.{name}", f"one of {', '.join(choices)}", getattr(d, name))
-    if not math.isfinite(d.logit_mean):
-        fail("diffusion.logit_mean", "a finite number", d.logit_mean)
-    for name in ("logit_std", "time_shift"):
-        if not (math.isfinite(getattr(d, name)) and getattr(d, name) > 0):
-            fail(f"diffusion.{name}", "a finite number > 0", getattr(d, name))
-    if d.process == "flow" and m.learn_sigma:
-        fail("model.learn_sigma", "false with diffusion.process=flow (the flow process learns no variance)",
-             m.learn_sigma)
-    for name, choices in (("norm", NORMS), ("mlp", MLPS), ("pos", POSITIONS)):
-        if getattr(m, name) not in choices:
-            fail(f"model.{name}", f"one of {', '.join(choices)}", getattr(m, name))
+    if d.sample_steps < 1:
+        fail("diffusion.sample_steps", "a positive integer", d.sample_steps)
     if cfg.data.num_workers < 0:
         fail("data.num_workers", "an integer >= 0", cfg.data.num_workers)
     for name in ("global_batch_size", "grad_accum", "max_steps", "ckpt_every", "log_every",
@@ -219,8 +236,11 @@ def validate_config(cfg: Config, source: str = "config") -> None:
         fail("train.lr", "a number > 0", t.lr)
     if len(t.betas) != 2 or not all(0.0 <= b < 1.0 for b in t.betas):
         fail("train.betas", "two numbers in [0, 1), e.g. [0.9, 0.999]", t.betas)
-    if not 0.0 <= t.ema_decay <= 1.0:
-        fail("train.ema_decay", "a number in [0, 1]", t.ema_decay)
+    if t.ema_sigma_rel != 0 and t.ema_warmup:
+        fail("train.ema_warmup", "false with train.ema_sigma_rel > 0 (the power EMA sets every decay)", t.ema_warmup)
+    if t.ema_sigma_rel != 0 and t.ema_decay != TrainConfig.ema_decay:
+        fail("train.ema_decay", f"the default {TrainConfig.ema_decay} (unused) with train.ema_sigma_rel > 0",
+             t.ema_decay)
     if t.mixed_precision not in MIXED_PRECISION_CHOICES:
         fail("train.mixed_precision", f"one of {', '.join(MIXED_PRECISION_CHOICES)}", t.mixed_precision)
     if t.fsdp and t.mixed_precision == "fp16":

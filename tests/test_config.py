@@ -98,9 +98,12 @@ def test_wrong_type_in_file(tmp_path):
     ("train.mixed_precision=fp8", "train.mixed_precision"),
     ("train.global_batch_size=0", "train.global_batch_size"),
     ("train.lr=-1", "train.lr"),
-    ("train.ema_decay=1.5", "train.ema_decay"),
     ("diffusion.noise_schedule=sqrt", "diffusion.noise_schedule"),
     ("model.class_dropout_prob=1.0", "model.class_dropout_prob"),
+    ("model.depth=-1", "model.depth"),
+    ("train.lr_schedule=step", "train.lr_schedule"),
+    ("train.min_lr_ratio=1.5", "train.min_lr_ratio"),
+    ("train.decay_fraction=0", "train.decay_fraction"),
     ("train.betas=[0.9]", "train.betas"),
 ])
 def test_out_of_range_values(override, field):
@@ -148,24 +151,49 @@ FLOW = ["diffusion.process=flow", "model.learn_sigma=false"]
 
 
 @pytest.mark.parametrize("overrides, message", [
-    (["diffusion.process=fl0w"], "field 'diffusion.process': expected one of ddpm, flow, got 'fl0w'"),
-    (["diffusion.process=flow"], "field 'model.learn_sigma': expected false with diffusion.process=flow"),
-    ([*FLOW, "diffusion.prediction=eps"], "field 'diffusion.prediction': expected one of v, x, got 'eps'"),
-    ([*FLOW, "diffusion.time_sampling=beta"], "field 'diffusion.time_sampling': expected one of uniform, logit_normal"),
-    ([*FLOW, "diffusion.time_shift=0"], "field 'diffusion.time_shift': expected a finite number > 0, got 0.0"),
-    ([*FLOW, "diffusion.logit_std=-1"], "field 'diffusion.logit_std': expected a finite number > 0, got -1.0"),
-    ([*FLOW, "diffusion.loss_weighting=snr"], "field 'diffusion.loss_weighting': expected one of none"),
-    (["model.norm=batchnorm"], "field 'model.norm': expected one of layernorm, rmsnorm, got 'batchnorm'"),
-    (["model.mlp=relu"], "field 'model.mlp': expected one of gelu, swiglu, got 'relu'"),
-    (["model.pos=learned"], "field 'model.pos': expected one of sincos, rope2d, got 'learned'"),
+    (["diffusion.process=fl0w"], "config: diffusion.process: expected one of ddpm, flow, got 'fl0w'"),
+    (["diffusion.process=flow"], "config: model.learn_sigma=true does not apply to diffusion.process=flow"),
+    ([*FLOW, "diffusion.prediction=eps"], "config: diffusion.prediction: expected one of v, x, got 'eps'"),
+    ([*FLOW, "diffusion.time_sampling=beta"], "diffusion.time_sampling: expected one of uniform, logit_normal"),
+    ([*FLOW, "diffusion.time_shift=0"], "diffusion.time_shift: expected a finite number > 0, got 0.0"),
+    ([*FLOW, "diffusion.logit_std=-1"], "diffusion.logit_std: expected a finite number > 0, got -1.0"),
+    ([*FLOW, "diffusion.loss_weighting=snr"], "diffusion.loss_weighting: expected one of none"),
+    (["diffusion.diffusion_steps=0"], "config: diffusion.diffusion_steps: expected an integer >= 1, got 0"),
+    (["model.norm=batchnorm"], "config: model.norm: expected one of layernorm, rmsnorm, got 'batchnorm'"),
+    (["model.mlp=relu"], "config: model.mlp: expected one of gelu, swiglu, got 'relu'"),
+    (["model.pos=learned"], "config: model.pos: expected one of sincos, rope2d, got 'learned'"),
     (["model.qk_norm=maybe"], "field 'model.qk_norm': expected bool, got 'maybe'"),
+    (["model.class_dropout_prob=1.0"], "config: model.class_dropout_prob: expected a probability in [0, 1), got 1.0"),
+    (["model.name=DiT-Q/2"], "config: model.name: unknown model name 'DiT-Q/2'; valid names: DiT-S/2"),
+    (["model.input_size=30", "model.name=DiT-S/4"], "model.patch_size: expected a divisor of the latent size"),
 ])
-def test_process_and_block_option_fields_are_validated(overrides, message):
-    with pytest.raises(LatentDiTError, match=re.escape(message)):
+def test_process_and_model_fields_are_checked_by_their_owners_with_the_field_named(overrides, message):
+    with pytest.raises(LatentDiTError, match=re.escape(message)) as e:
         load_config(None, overrides)
+    assert "\n" not in str(e.value)
 
 
 def test_defaults_are_the_papers_process_and_blocks():
     cfg = load_config(None, [])
     assert (cfg.diffusion.process, cfg.model.learn_sigma) == ("ddpm", True)
     assert (cfg.model.norm, cfg.model.mlp, cfg.model.pos, cfg.model.qk_norm) == ("layernorm", "gelu", "sincos", False)
+
+
+def test_model_size_fields_resolve_the_named_model():
+    from latentdit.config import model_arguments
+
+    cfg = load_config(None, ["model.name=DiT-S/2", "model.depth=3", "model.hidden_size=192", "model.num_heads=3"])
+    arch = model_arguments(cfg.model)
+    assert (arch["depth"], arch["hidden_size"], arch["num_heads"], arch["patch_size"]) == (3, 192, 3, 2)
+    assert {k: model_arguments(load_config(None, []).model)[k] for k in ("depth", "hidden_size", "num_heads")} \
+        == dict(depth=12, hidden_size=384, num_heads=6)  # 0 keeps the named model's numbers
+    with pytest.raises(LatentDiTError, match=re.escape("model.num_heads: expected a divisor of model.hidden_size 200")):
+        load_config(None, ["model.hidden_size=200"])
+
+
+def test_power_ema_refuses_the_fixed_decays_settings():
+    assert load_config(None, ["train.ema_sigma_rel=0.05"]).train.ema_sigma_rel == 0.05
+    with pytest.raises(LatentDiTError, match=re.escape("field 'train.ema_warmup': expected false with train.ema_sigma_rel")):
+        load_config(None, ["train.ema_sigma_rel=0.05", "train.ema_warmup=true"])
+    with pytest.raises(LatentDiTError, match=re.escape("field 'train.ema_decay': expected the default 0.9999 (unused)")):
+        load_config(None, ["train.ema_sigma_rel=0.05", "train.ema_decay=0.999"])

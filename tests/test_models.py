@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 
 import numpy as np
 import pytest
@@ -333,16 +334,16 @@ def test_unknown_model_name_lists_valid_names():
 
 
 def test_input_size_not_divisible_by_patch():
-    with pytest.raises(LatentDiTError, match="input_size 30 is not divisible by patch_size 4"):
+    with pytest.raises(LatentDiTError, match=re.escape("model.patch_size: expected a divisor of the latent size (input_size) 30, got 4")):
         create_dit("DiT-T/4", input_size=30)
 
 
 def test_bad_architecture_numbers():
-    with pytest.raises(LatentDiTError, match="hidden_size 130 is not divisible by num_heads 4"):
+    with pytest.raises(LatentDiTError, match="model.num_heads: expected a divisor of model.hidden_size 130, got 4"):
         create_dit("DiT-T/2", hidden_size=130)
-    with pytest.raises(LatentDiTError, match="class_dropout_prob must be in"):
+    with pytest.raises(LatentDiTError, match=re.escape("model.class_dropout_prob: expected a probability in [0, 1), got 1.5")):
         create_dit("DiT-T/2", class_dropout_prob=1.5)
-    with pytest.raises(LatentDiTError, match="num_classes must be an integer"):
+    with pytest.raises(LatentDiTError, match="model.num_classes: expected an integer >= 1, got 0"):
         create_dit("DiT-T/2", num_classes=0)
 
 
@@ -509,11 +510,11 @@ def test_all_options_model_samples_through_the_sample_tool(tmp_path, capsys):
 
 
 def test_bad_block_options_are_named():
-    with pytest.raises(LatentDiTError, match="DiT norm must be one of layernorm, rmsnorm, got 'batchnorm'"):
+    with pytest.raises(LatentDiTError, match="model.norm: expected one of layernorm, rmsnorm, got 'batchnorm'"):
         tiny(norm="batchnorm")
-    with pytest.raises(LatentDiTError, match="DiT pos must be one of sincos, rope2d"):
+    with pytest.raises(LatentDiTError, match="model.pos: expected one of sincos, rope2d"):
         tiny(pos="rope")
-    with pytest.raises(LatentDiTError, match="DiT qk_norm must be true or false"):
+    with pytest.raises(LatentDiTError, match="model.qk_norm: expected true or false"):
         tiny(qk_norm="yes")
-    with pytest.raises(LatentDiTError, match=r"pos=rope2d needs a head size .* = 6\) divisible by 4"):
+    with pytest.raises(LatentDiTError, match=r"model.pos: rope2d needs a head size .* = 6\) divisible by 4"):
         tiny(pos="rope2d", hidden_size=24)

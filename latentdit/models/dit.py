@@ -221,10 +221,44 @@ class FinalLayer(nn.Module):
 # The model
 # --------------------------------------------------------------------------------------------------
 
-def _check_int(name: str, value: Any, minimum: int) -> int:
+def _check_int(name: str, value: Any, minimum: int) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise LatentDiTError(f"DiT {name} must be an integer >= {minimum}, got {value!r}")
-    return value
+        raise LatentDiTError(f"model.{name}: expected an integer >= {minimum}, got {value!r}")
+
+
+def check_arguments(*, patch_size: int, hidden_size: int, depth: int, num_heads: int, mlp_ratio: float = 4.0,
+                    class_dropout_prob: float = 0.1, norm: str = PAPER_BLOCKS["norm"], mlp: str = PAPER_BLOCKS["mlp"],
+                    pos: str = PAPER_BLOCKS["pos"], qk_norm: bool = PAPER_BLOCKS["qk_norm"],
+                    input_size: int | None = None, in_channels: int | None = None,
+                    num_classes: int | None = None) -> None:
+    """Refuse :class:`DiT` arguments it cannot be built with; each message names the config field
+    (``model.<argument>``). The sizes that come from the data (``input_size``, ``in_channels``,
+    ``num_classes``) are checked when given, so a config can be checked before its latents are read."""
+    from_data = dict(input_size=input_size, in_channels=in_channels, num_classes=num_classes)
+    sizes = dict(patch_size=patch_size, hidden_size=hidden_size, depth=depth, num_heads=num_heads,
+                 **{k: v for k, v in from_data.items() if v is not None})
+    for name, value in sizes.items():
+        _check_int(name, value, 4 if name == "hidden_size" else 1)
+    if input_size is not None and input_size % patch_size:
+        raise LatentDiTError(f"model.patch_size: expected a divisor of the latent size (input_size) {input_size}, "
+                             f"got {patch_size}")
+    if hidden_size % num_heads:
+        raise LatentDiTError(f"model.num_heads: expected a divisor of model.hidden_size {hidden_size}, got {num_heads}")
+    for name, value, choices in (("norm", norm, NORMS), ("mlp", mlp, MLPS), ("pos", pos, POSITIONS)):
+        if value not in choices:
+            raise LatentDiTError(f"model.{name}: expected one of {', '.join(choices)}, got {value!r}")
+    if not isinstance(qk_norm, bool):
+        raise LatentDiTError(f"model.qk_norm: expected true or false, got {qk_norm!r}")
+    if pos == "sincos" and hidden_size % 4:
+        raise LatentDiTError(f"model.hidden_size: expected a multiple of 4 with model.pos=sincos (2D sin-cos "
+                             f"position table), got {hidden_size}")
+    if pos == "rope2d" and (hidden_size // num_heads) % 4:
+        raise LatentDiTError(f"model.pos: rope2d needs a head size (hidden_size / num_heads = "
+                             f"{hidden_size // num_heads}) divisible by 4")
+    if not (isinstance(mlp_ratio, (int, float)) and math.isfinite(mlp_ratio) and mlp_ratio > 0):
+        raise LatentDiTError(f"model.mlp_ratio: expected a positive number, got {mlp_ratio!r}")
+    if not (isinstance(class_dropout_prob, (int, float)) and 0.0 <= class_dropout_prob < 1.0):
+        raise LatentDiTError(f"model.class_dropout_prob: expected a probability in [0, 1), got {class_dropout_prob!r}")
 
 
 class DiT(nn.Module):
@@ -243,33 +277,10 @@ class DiT(nn.Module):
                  norm: str = PAPER_BLOCKS["norm"], mlp: str = PAPER_BLOCKS["mlp"], pos: str = PAPER_BLOCKS["pos"],
                  qk_norm: bool = PAPER_BLOCKS["qk_norm"]):
         super().__init__()
-        _check_int("input_size", input_size, 1)
-        _check_int("patch_size", patch_size, 1)
-        _check_int("in_channels", in_channels, 1)
-        _check_int("hidden_size", hidden_size, 4)
-        _check_int("depth", depth, 1)
-        _check_int("num_heads", num_heads, 1)
-        _check_int("num_classes", num_classes, 1)
-        if input_size % patch_size:
-            raise LatentDiTError(
-                f"DiT input_size {input_size} is not divisible by patch_size {patch_size}; "
-                f"use a latent size that is a multiple of {patch_size}")
-        if hidden_size % num_heads:
-            raise LatentDiTError(f"DiT hidden_size {hidden_size} is not divisible by num_heads {num_heads}")
-        for name, value, choices in (("norm", norm, NORMS), ("mlp", mlp, MLPS), ("pos", pos, POSITIONS)):
-            if value not in choices:
-                raise LatentDiTError(f"DiT {name} must be one of {', '.join(choices)}, got {value!r}")
-        if not isinstance(qk_norm, bool):
-            raise LatentDiTError(f"DiT qk_norm must be true or false, got {qk_norm!r}")
-        if pos == "sincos" and hidden_size % 4:
-            raise LatentDiTError(f"DiT hidden_size must be divisible by 4 (2D sin-cos position table), got {hidden_size}")
-        if pos == "rope2d" and (hidden_size // num_heads) % 4:
-            raise LatentDiTError(f"DiT pos=rope2d needs a head size (hidden_size / num_heads = "
-                                 f"{hidden_size // num_heads}) divisible by 4")
-        if not (isinstance(mlp_ratio, (int, float)) and math.isfinite(mlp_ratio) and mlp_ratio > 0):
-            raise LatentDiTError(f"DiT mlp_ratio must be a positive number, got {mlp_ratio!r}")
-        if not (isinstance(class_dropout_prob, (int, float)) and 0.0 <= class_dropout_prob <= 1.0):
-            raise LatentDiTError(f"DiT class_dropout_prob must be in [0, 1], got {class_dropout_prob!r}")
+        check_arguments(input_size=input_size, patch_size=patch_size, in_channels=in_channels,
+                        hidden_size=hidden_size, depth=depth, num_heads=num_heads, mlp_ratio=mlp_ratio,
+                        class_dropout_prob=class_dropout_prob, num_classes=num_classes, norm=norm, mlp=mlp,
+                        pos=pos, qk_norm=qk_norm)
 
         self._config = dict(input_size=input_size, patch_size=patch_size, in_channels=in_channels,
                             hidden_size=hidden_size, depth=depth, num_heads=num_heads, mlp_ratio=float(mlp_ratio),

@@ -3,6 +3,8 @@
 Paper sizes (depth / hidden / heads): S 12/384/6, B 12/768/12, L 24/1024/16, XL 28/1152/16, each with
 patch 2, 4 and 8. ``DiT-T/2`` and ``DiT-T/4`` (depth 4, hidden 128, 4 heads; ≈ 1.3 M parameters) are this
 project's own tiny size for tests and the offline Fashion-MNIST demo; they train in minutes on a CPU.
+:func:`resolve_arch` changes a named size's numbers (a model sized for a compute budget); the resolved
+numbers are what :attr:`DiT.config` and the weights' metadata record.
 """
 
 from __future__ import annotations
@@ -36,6 +38,18 @@ def get_config(name: str) -> dict[str, int]:
     if name not in DIT_CONFIGS:
         raise LatentDiTError(f"unknown model name {name!r}; valid names: {', '.join(model_names())}")
     return dict(DIT_CONFIGS[name])
+
+
+def resolve_arch(name: str, depth: int = 0, hidden_size: int = 0, num_heads: int = 0,
+                 patch_size: int = 0) -> dict[str, int]:
+    """The architecture of the named model with the non-zero numbers given in place of its own (the
+    ``model.depth`` / ``hidden_size`` / ``num_heads`` / ``patch_size`` config fields; 0 keeps the name's)."""
+    try:
+        arch = get_config(name)
+    except LatentDiTError as e:
+        raise LatentDiTError(f"model.name: {e}") from None
+    overrides = dict(depth=depth, hidden_size=hidden_size, num_heads=num_heads, patch_size=patch_size)
+    return {**arch, **{k: v for k, v in overrides.items() if v != 0}}
 
 
 def create_dit(name: str, **kwargs: Any) -> DiT:
