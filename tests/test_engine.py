@@ -6,6 +6,7 @@ from __future__ import annotations
 import io
 import json
 import math
+import re
 from types import SimpleNamespace
 
 import pytest
@@ -14,7 +15,7 @@ import torch
 from latentdit.engine.budget import TimeBudget
 from latentdit.engine.checkpoint import CheckpointManager, config_differences
 from latentdit.engine.optim import build_adamw
-from latentdit.engine.schedule import lr_at, lr_scheduler
+from latentdit.engine.schedule import check_schedule, lr_at, lr_scheduler
 from latentdit.errors import LatentDiTError
 
 
@@ -99,6 +100,59 @@ def test_lr_scheduler_applies_the_schedule_as_a_factor():
     assert seen == [0.2 * (1 / 3), 0.2 * (2 / 3), 0.2 * 1.0, 0.2, 0.2]
 
 
+def test_cosine_and_wsd_by_steps_hand_computed():
+    lr, warmup, total, floor = 2.0, 4, 104, 0.1
+    cos = dict(schedule="cosine")
+    assert lr_at(1, lr, warmup, total, floor, **cos) == lr * 2 / 4
+    assert lr_at(4, lr, warmup, total, floor, **cos) == lr  # p = 0
+    assert lr_at(54, lr, warmup, total, floor, **cos) == pytest.approx(2.0 * (0.1 + 0.9 * 0.5))  # p = 1/2
+    assert lr_at(29, lr, warmup, total, floor, **cos) == pytest.approx(2.0 * (0.1 + 0.9 * 0.5 * (1 + 2 ** -0.5)))
+    assert lr_at(104, lr, warmup, total, floor, **cos) == pytest.approx(0.2)
+    # wsd: lr until the last 25 % of the 104 steps (step 78), then linear to 0.1·lr at step 104
+    wsd = dict(schedule="wsd", decay_fraction=0.25)
+    assert lr_at(2, lr, warmup, total, floor, **wsd) == lr * 3 / 4
+    assert lr_at(50, lr, warmup, total, floor, **wsd) == lr and lr_at(78, lr, warmup, total, floor, **wsd) == lr
+    assert lr_at(91, lr, warmup, total, floor, **wsd) == pytest.approx(2.0 * (0.1 + 0.9 * 0.5))  # 13/26 left
+    assert lr_at(100, lr, warmup, total, floor, **wsd) == pytest.approx(2.0 * (0.1 + 0.9 * 4 / 26))
+    assert lr_at(104, lr, warmup, total, floor, **wsd) == pytest.approx(0.2) == lr_at(200, lr, warmup, total, floor, **wsd)
+    # constant ignores the floor
+    assert lr_at(100, lr, warmup, total, floor, schedule="constant") == lr
+
+
+def test_schedules_by_time_follow_the_fraction_of_the_budget():
+    lr, floor = 1.0, 0.0
+    # the step count no longer matters after the warm-up: only the fraction of the budget used
+    assert lr_at(0, lr, 2, 10, floor, schedule="cosine", run_fraction=0.9) == 0.5  # warm-up counts steps
+    assert lr_at(5, lr, 2, 10, floor, schedule="cosine", run_fraction=0.5) == pytest.approx(0.5)
+    assert lr_at(5, lr, 2, 10, floor, schedule="cosine", run_fraction=1.7) == pytest.approx(0.0)
+    assert lr_at(9, lr, 2, 10, floor, schedule="wsd", decay_fraction=0.2, run_fraction=0.5) == 1.0
+    assert lr_at(3, lr, 2, 10, floor, schedule="wsd", decay_fraction=0.2, run_fraction=0.9) == pytest.approx(0.5)
+
+
+@pytest.mark.parametrize("args, message", [
+    (("linear", 0.0, 0.2), "train.lr_schedule: expected one of constant, cosine, wsd, got 'linear'"),
+    (("wsd", -0.1, 0.2), "train.min_lr_ratio: expected a number in [0, 1], got -0.1"),
+    (("wsd", 0.0, 0.0), "train.decay_fraction: expected a number in (0, 1], got 0.0"),
+])
+def test_schedule_settings_are_checked(args, message):
+    with pytest.raises(LatentDiTError, match=re.escape(message)):
+        check_schedule(*args)
+
+
+def test_lr_scheduler_reads_the_run_fraction_at_every_step():
+    p = torch.nn.Parameter(torch.zeros(2))
+    opt = torch.optim.SGD([p], lr=1.0)
+    fraction = [0.0]
+    sched = lr_scheduler(opt, 0, 100, 0.0, schedule="wsd", decay_fraction=0.5, run_fraction=lambda: fraction[0])
+    seen = []
+    for f in (0.2, 0.75, 0.9, 1.0):
+        fraction[0] = f
+        opt.step()
+        sched.step()
+        seen.append(opt.param_groups[0]["lr"])
+    assert seen == pytest.approx([1.0, 0.5, 0.2, 0.0])
+
+
 def test_optimizer_spares_norms_biases_and_embeddings_from_weight_decay():
     model = torch.nn.Sequential(torch.nn.Embedding(5, 4), torch.nn.Linear(4, 4), torch.nn.LayerNorm(4))
     opt = build_adamw(model, 1e-3, weight_decay=0.1)
@@ -131,6 +185,23 @@ def test_time_budget_of_one_process_asks_every_step():
     assert not TimeBudget(0.0, one, clock=lambda: now[0]).spent(True)  # 0 = no budget
     # several processes: only a step they all reach may answer (a collective)
     assert not TimeBudget(1e-9, SimpleNamespace(num_processes=2), clock=lambda: now[0]).spent(False)
+
+
+def test_time_budget_fraction_and_a_resumed_budget():
+    now = [10.0]
+    one = SimpleNamespace(num_processes=1)
+    budget = TimeBudget(2.0, one, clock=lambda: now[0])
+    assert budget.fraction() == 0.0
+    now[0] = 40.0
+    assert budget.fraction() == 0.0  # the fraction moves when measured
+    assert not budget.spent(False) and budget.fraction() == 0.25 and budget.agreed_elapsed_s == 30.0
+    # a resumed run continues the budget from the training time its checkpoint had used
+    resumed = TimeBudget(2.0, one, clock=lambda: now[0], elapsed_s=budget.agreed_elapsed_s)
+    assert resumed.fraction() == 0.25
+    now[0] = 100.0
+    assert not resumed.spent(False) and resumed.fraction() == 0.75
+    now[0] = 130.0
+    assert resumed.spent(False)
 
 
 def test_run_log_averages_named_values_and_records_throughput(tmp_path):

@@ -11,7 +11,7 @@ processes call them.
 
 from __future__ import annotations
 
-from typing import Mapping
+from typing import Callable, Mapping
 
 import numpy as np
 import torch
@@ -33,7 +33,8 @@ def power_gamma(sigma_rel: float) -> float:
     ``sigma_rel² = (γ+1) / ((γ+2)² (γ+3))``, i.e. the largest real root of
     ``σ²γ³ + 7σ²γ² + (16σ² − 1)γ + 12σ² − 1 = 0``."""
     if not 0.0 < float(sigma_rel) < 12.0 ** -0.5:  # γ → 0 is the uniform profile, whose std is 1/√12
-        raise LatentDiTError(f"train.ema_sigma_rel must be in (0, {1 / 12 ** 0.5:.4f}), got {sigma_rel}")
+        raise LatentDiTError(f"train.ema_sigma_rel: expected 0 (off) or a number in (0, {1 / 12 ** 0.5:.4f}), "
+                             f"got {sigma_rel!r}")
     s2 = float(sigma_rel) ** 2
     roots = np.roots([s2, 7 * s2, 16 * s2 - 1, 12 * s2 - 1])
     return float(max(r.real for r in roots if abs(r.imag) < 1e-9))
@@ -49,12 +50,28 @@ def power_decay(gamma: float, num_updates: int) -> float:
     return (1.0 - 1.0 / n) ** (gamma + 1.0)
 
 
-class EMA:
-    """``shadow = decay * shadow + (1 - decay) * param`` for every trainable parameter, in fp32."""
+def decay_rule(decay: float, warmup: bool = False, sigma_rel: float = 0.0) -> Callable[[int], float]:
+    """The decay of update number ``n`` (from 1; the trainer's step) of a run's EMA: with ``sigma_rel > 0``
+    the power EMA's :func:`power_decay` (``decay`` and ``warmup`` unused); else ``decay``, through
+    :func:`warmup_decay` when ``warmup``. Refuses settings out of range (messages name the ``train`` field)."""
+    if not (isinstance(decay, (int, float)) and 0.0 <= decay <= 1.0):
+        raise LatentDiTError(f"train.ema_decay: expected a number in [0, 1], got {decay!r}")
+    if sigma_rel != 0:
+        gamma = power_gamma(sigma_rel)
+        return lambda n: power_decay(gamma, n)
+    if warmup:
+        return lambda n: warmup_decay(decay, n - 1)
+    return lambda n: float(decay)
 
-    def __init__(self, model: nn.Module, decay: float) -> None:
-        if not 0.0 <= decay <= 1.0:
-            raise LatentDiTError(f"EMA decay must be in [0, 1], got {decay}")
+
+class EMA:
+    """``shadow = decay * shadow + (1 - decay) * param`` for every trainable parameter, in fp32.
+
+    :meth:`update` takes the decay of the update, or ``decay``; :attr:`decay_at` gives update ``n``'s
+    decay under ``warmup`` / ``sigma_rel`` (see :func:`decay_rule`)."""
+
+    def __init__(self, model: nn.Module, decay: float, *, warmup: bool = False, sigma_rel: float = 0.0) -> None:
+        self.decay_at = decay_rule(decay, warmup, sigma_rel)
         self.decay = float(decay)
         self.names = [n for n, p in model.named_parameters() if p.requires_grad]
         params = dict(model.named_parameters())

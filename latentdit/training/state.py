@@ -2,8 +2,9 @@
 
 :func:`setup` checks everything a user can get wrong before it writes anything, then builds the
 accelerator, the latent dataset, the DiT, the training process (``diffusion.process``), AdamW with
-its warm-up schedule, the EMA and the data loader, and restores all of them from a checkpoint when
-resuming. :func:`save_checkpoint` writes the run's state so that a resumed run repeats an
+its LR schedule (``train.lr_schedule``), the time budget, the EMA and the data loader, and restores all
+of them from a checkpoint when resuming (a time-bounded run continues its budget: the checkpoint holds
+the training time used, ``elapsed_s``, which a time-based LR schedule also follows). :func:`save_checkpoint` writes the run's state so that a resumed run repeats an
 uninterrupted one step for step (see :mod:`latentdit.training.checkpoint` for the layout).
 """
 
@@ -16,8 +17,9 @@ from typing import Any
 
 import torch
 
-from latentdit.config import Config, save_config
+from latentdit.config import Config, model_arguments, save_config
 from latentdit.engine.accelerator import enable_tf32, make_accelerator
+from latentdit.engine.budget import TimeBudget
 from latentdit.engine.checkpoint import (
     OPTIMIZER_FILE, SCHEDULER_FILE, CheckpointManager, resolve_resume, restore_rng_state,
 )
@@ -32,7 +34,7 @@ from latentdit.training.checkpoint import (
     EMA_FILE, MODEL_FILE, check_resume_latents, latents_identity, read_state,
 )
 from latentdit.training.data import BatchLayout, EpochIndexed, StepBatchSampler
-from latentdit.training.ema import EMA
+from latentdit.training.ema import EMA, decay_rule
 from latentdit.weights import save_weights
 
 CONFIG_FILE = "config.yaml"
@@ -56,6 +58,7 @@ class TrainState:
     model_config: dict[str, Any]
     optimizer: torch.optim.Optimizer
     scheduler: Any
+    budget: TimeBudget               # train.max_minutes, continued from the checkpoint when resuming
     ema: EMA
     loader: Any
     ckpts: CheckpointManager
@@ -88,6 +91,12 @@ class TrainState:
 # building blocks
 # ------------------------------------------------------------------------------------------------
 
+def follows_budget(cfg: Config) -> bool:
+    """Whether the LR schedule follows the time budget (a decaying schedule in a run bounded by
+    ``train.max_minutes``) rather than the step count."""
+    return cfg.train.max_minutes > 0 and cfg.train.lr_schedule != "constant"
+
+
 def check_batch_layout(global_batch_size: int, num_processes: int, grad_accum: int) -> int:
     """Micro-batch size per process; raises unless the global batch splits evenly."""
     div = num_processes * grad_accum
@@ -111,8 +120,8 @@ def open_latents(cfg: Config):
 
 
 def model_kwargs_from_data(cfg: Config, dataset) -> dict[str, Any]:
-    """DiT constructor arguments: the model section plus latent size/channels/classes from the manifest,
-    checked against any values the config states explicitly."""
+    """DiT constructor arguments: the model section (its named architecture resolved) plus latent
+    size/channels/classes from the manifest, checked against any values the config states explicitly."""
     c, h, w = dataset.latent_shape
     if h != w:
         raise LatentDiTError(f"latents in {cfg.data.latents} are {h}×{w}; DiT needs square latents")
@@ -124,21 +133,13 @@ def model_kwargs_from_data(cfg: Config, dataset) -> dict[str, Any]:
                 f"model.{key}={stated} does not fit the latents in {cfg.data.latents} (manifest: latent shape "
                 f"{list(dataset.latent_shape)}, {dataset.num_classes} classes → {key}={value}); remove model.{key} "
                 "or point data.latents at matching latents")
-    m = cfg.model
-    return dict(from_data, class_dropout_prob=m.class_dropout_prob, learn_sigma=m.learn_sigma,
-                grad_checkpointing=m.grad_checkpointing, norm=m.norm, mlp=m.mlp, pos=m.pos, qk_norm=m.qk_norm)
+    return dict(model_arguments(cfg.model), **from_data)
 
 
 def build_model(cfg: Config, dataset):
-    from latentdit.models import create_dit
-    from latentdit.models.registry import get_config
+    from latentdit.models.dit import DiT
 
-    kwargs = model_kwargs_from_data(cfg, dataset)
-    patch = get_config(cfg.model.name)["patch_size"]
-    if kwargs["input_size"] % patch != 0:
-        raise LatentDiTError(f"model.name={cfg.model.name} has patch size {patch}, which does not divide the "
-                             f"latent size {kwargs['input_size']} of {cfg.data.latents}")
-    return create_dit(cfg.model.name, **kwargs)
+    return DiT(**model_kwargs_from_data(cfg, dataset))
 
 
 def build_optimizer(model: torch.nn.Module, t_cfg, device: torch.device) -> torch.optim.AdamW:
@@ -227,6 +228,7 @@ def setup(cfg: Config, resume: str | None = None) -> TrainState:
     from latentdit.diffusion import build_process
 
     t_cfg = cfg.train
+    decay_rule(t_cfg.ema_decay, t_cfg.ema_warmup, t_cfg.ema_sigma_rel)  # the EMA settings, before any work
     if t_cfg.tf32:
         enable_tf32()
     accelerator = _make_accelerator(cfg)
@@ -276,8 +278,11 @@ def setup(cfg: Config, resume: str | None = None) -> TrainState:
     if t_cfg.fsdp:
         sharding.shard_dit(model, torch.bfloat16 if t_cfg.mixed_precision == "bf16" else None)
     optimizer = build_optimizer(model, t_cfg, device)
-    scheduler = lr_scheduler(optimizer, t_cfg.warmup_steps)  # warm-up, then constant
-    ema = EMA(model, t_cfg.ema_decay)
+    budget = TimeBudget(t_cfg.max_minutes, accelerator, elapsed_s=float(saved.get("elapsed_s", 0.0)))
+    scheduler = lr_scheduler(optimizer, t_cfg.warmup_steps, t_cfg.max_steps, t_cfg.min_lr_ratio,
+                             schedule=t_cfg.lr_schedule, decay_fraction=t_cfg.decay_fraction,
+                             run_fraction=budget.fraction if follows_budget(cfg) else lambda: None)
+    ema = EMA(model, t_cfg.ema_decay, warmup=t_cfg.ema_warmup, sigma_rel=t_cfg.ema_sigma_rel)
     if ckpt is not None:
         ema_tensors, _ = load_safetensors(ckpt / EMA_FILE)
         ema.load_state_dict(ema_tensors, str(ckpt / EMA_FILE))
@@ -301,7 +306,7 @@ def setup(cfg: Config, resume: str | None = None) -> TrainState:
         cfg=cfg, accelerator=accelerator, run_dir=run_dir, dataset=dataset, layout=layout,
         steps_per_epoch=steps_per_epoch, process=process, model=model, raw_model=raw_model,
         forward_model=torch.compile(model) if t_cfg.compile else model, model_config=model_config,
-        optimizer=optimizer, scheduler=scheduler, ema=ema, loader=loader, ckpts=ckpts, resumed_from=ckpt,
+        optimizer=optimizer, scheduler=scheduler, budget=budget, ema=ema, loader=loader, ckpts=ckpts, resumed_from=ckpt,
         step=start_step, first_bad_step=torch.full((), -1, dtype=torch.long, device=device))
 
 
@@ -355,5 +360,5 @@ def save_checkpoint(state: TrainState) -> Path:
         "global_batch_size": t_cfg.global_batch_size, "num_processes": state.world, "seed": t_cfg.seed,
         "model_config": state.model_config, "process": process.metadata(), "class_names": ds.class_names,
         "config": state.cfg.to_dict(), "latents": latents_identity(ds.manifest), "versions": _versions(),
-        "time": time.time()}
+        "time": time.time(), "elapsed_s": state.budget.agreed_elapsed_s}
     return state.ckpts.save(acc, step, write_files, record)

@@ -26,13 +26,11 @@ from typing import Any, Callable, Iterator, NamedTuple
 import torch
 
 from latentdit.config import Config
-from latentdit.engine.budget import TimeBudget
 from latentdit.engine.runlog import RunLog
 from latentdit.training import sharding
 from latentdit.training.data import StepRandomness
-from latentdit.training.ema import warmup_decay
 from latentdit.training.samples import SampleGrid
-from latentdit.training.state import TrainState, check_finite, note_loss, save_checkpoint, setup
+from latentdit.training.state import TrainState, check_finite, follows_budget, note_loss, save_checkpoint, setup
 
 LossHook = Callable[[int, torch.Tensor], torch.Tensor]
 
@@ -93,7 +91,7 @@ def train_step(state: TrainState, batches: Iterator, loss_hook: LossHook | None 
     if not acc.optimizer_step_was_skipped:
         state.scheduler.step()
     state.optimizer.zero_grad(set_to_none=True)
-    state.ema.update(state.raw_model, warmup_decay(t.ema_decay, state.step - 1) if t.ema_warmup else None)
+    state.ema.update(state.raw_model, state.ema.decay_at(state.step))
     note_loss(state, step_loss)
     return StepResult(step_loss, lr, grad_norm)
 
@@ -118,7 +116,7 @@ def train(cfg: Config, resume: str | None = None, *, loss_hook: LossHook | None 
     log = RunLog(state.accelerator, state.run_dir, start_step=state.step, max_steps=t.max_steps,
                  max_minutes=t.max_minutes, batch_size=t.global_batch_size, tensorboard=t.tensorboard,
                  hparams=cfg.to_dict(), steps_per_epoch=state.steps_per_epoch)
-    budget = TimeBudget(t.max_minutes, state.accelerator)
+    budget, every_step = state.budget, follows_budget(cfg)  # a time-based LR schedule measures every step
     grid = SampleGrid(cfg, state.dataset, state.model_config, state.process, state.device) \
         if t.sample_every > 0 else None
     if state.resumed_from is not None:
@@ -134,8 +132,9 @@ def train(cfg: Config, resume: str | None = None, *, loss_hook: LossHook | None 
                 check_finite(state)
             if log_now:
                 log.log(state.step, out.lr, out.grad_norm)
-            # several processes ask at log and checkpoint steps only (the question is a collective)
-            out_of_time = budget.spent(log_now or state.step % t.ckpt_every == 0)
+            # several processes ask at log and checkpoint steps only (the question is a collective), or at
+            # every step when the LR schedule follows the budget
+            out_of_time = budget.spent(log_now or state.step % t.ckpt_every == 0 or every_step)
             if state.step % t.ckpt_every == 0 or state.step == t.max_steps or out_of_time:
                 last_ckpt = save_checkpoint(state)
             if grid is not None and state.step % t.sample_every == 0:
