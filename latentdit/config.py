@@ -207,9 +207,8 @@ def validate_config(cfg: Config, source: str = "config") -> None:
         if getattr(m, name) < 0:
             fail(f"model.{name}", "an integer >= 1, or 0 for the value of model.name", getattr(m, name))
     try:
-        arguments = model_arguments(m)
-        arguments.pop("learn_sigma"), arguments.pop("grad_checkpointing")
-        check_arguments(**arguments)
+        not_checked = ("learn_sigma", "grad_checkpointing")
+        check_arguments(**{k: v for k, v in model_arguments(m).items() if k not in not_checked})
         build_process(d).out_channels(1, m.learn_sigma)  # the flow process refuses a learned σ
         check_schedule(t.lr_schedule, t.min_lr_ratio, t.decay_fraction)
     except LatentDiTError as e:

@@ -193,7 +193,7 @@ def test_model_size_fields_resolve_the_named_model():
 
 def test_power_ema_refuses_the_fixed_decays_settings():
     assert load_config(None, ["train.ema_sigma_rel=0.05"]).train.ema_sigma_rel == 0.05
-    with pytest.raises(LatentDiTError, match=re.escape("field 'train.ema_warmup': expected false with train.ema_sigma_rel")):
+    with pytest.raises(LatentDiTError, match=re.escape("'train.ema_warmup': expected false with train.ema_sigma_rel")):
         load_config(None, ["train.ema_sigma_rel=0.05", "train.ema_warmup=true"])
-    with pytest.raises(LatentDiTError, match=re.escape("field 'train.ema_decay': expected the default 0.9999 (unused)")):
+    with pytest.raises(LatentDiTError, match=re.escape("'train.ema_decay': expected the default 0.9999 (unused)")):
         load_config(None, ["train.ema_sigma_rel=0.05", "train.ema_decay=0.999"])
