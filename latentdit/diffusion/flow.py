@@ -98,7 +98,7 @@ class FlowProcess(Process):
     """
 
     name = "flow"
-    samplers = ("euler", "heun", "euler-maruyama")
+    samplers = ("euler", "heun", "ab2", "dpm-2m", "euler-maruyama")
     default_sampler = "heun"
     partial_guidance = False
     interval_unit = "two flow times in [0, 1]"

@@ -2,7 +2,7 @@
 plumbing (:mod:`latentdit.cli.sampling`):
 
 - :mod:`~latentdit.sampling.settings`: :class:`SamplerSettings` as given, :class:`ResolvedSettings` checked
-  against the model's process (DDPM: ddpm, ddim, dpm-solver; flow: euler, heun, euler-maruyama);
+  against the model's process (DDPM: ddpm, ddim, dpm-solver; flow: euler, heun, ab2, dpm-2m, euler-maruyama);
 - :mod:`~latentdit.sampling.guidance`: the model function with classifier-free guidance (cond and uncond
   halves in one batched forward), optionally inside a guidance interval and on the first k channels;
 - :mod:`~latentdit.sampling.noise`: per-sample noise seeded by (seed, sample index);
