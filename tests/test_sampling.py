@@ -32,7 +32,7 @@ def tiny_flow_model():
 
 
 DDPM_SAMPLERS = ("ddpm", "ddim", "dpm-solver")
-FLOW_SAMPLERS = ("euler", "heun", "euler-maruyama")
+FLOW_SAMPLERS = FlowProcess.samplers
 FLOW = FlowProcess()
 
 
@@ -206,7 +206,7 @@ def test_bad_sampling_arguments(tiny_model, kw, match):
 
 @pytest.mark.parametrize("kw, match", [
     (dict(sampler="ddim"), r"sampler 'ddim' \(--sampler\) samples ddpm models.*flow process; choose one of "
-                           r"euler, heun, euler-maruyama"),
+                           + ", ".join(FlowProcess.samplers)),
     (dict(guided_channels=3), r"guided channels \(--guided-channels\) other than 'all' apply to ddpm models"),
     (dict(guidance_interval=(0.2, 1.5)), r"0 ≤ lo ≤ hi ≤ 1 \(flow times\)"),
     (dict(time_shift=0.0), r"time_shift \(--time-shift\) must be a finite number > 0"),
