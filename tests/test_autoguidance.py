@@ -141,3 +141,21 @@ def test_sample_tool_with_a_guide_checkpoint(tmp_path, capsys):
                                      "--out", str(tmp_path / "h.png")])
     assert code == 2 and "has num_classes 5, the main model 4" in capsys.readouterr().err
     assert not (tmp_path / "h.png").exists()
+
+
+def test_sample_ddp_records_the_guide_in_its_chunk_settings(tmp_path):
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location("sample_ddp_tool",
+                                                  Path(__file__).parents[1] / "tools" / "sample_ddp.py")
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    vae_dir = make_tiny_vae_dir(tmp_path / "vae")
+    ckpt = save_our_checkpoint(make_tiny_dit(seed=0), tmp_path / "ema.safetensors", vae=str(vae_dir))
+    guide = save_our_checkpoint(make_tiny_dit(seed=1), tmp_path / "early.safetensors", vae=str(vae_dir))
+    argv = ["--ckpt", str(ckpt), "--out-dir", str(tmp_path / "out"), "--num-samples", "2", "--chunk-size", "2",
+            "--batch-size", "2", "--sampler", "ddim", "--num-steps", "2", "--cfg-scale", "1", "--guide", str(guide)]
+    assert tool.main(argv + ["--guide-scale", "2"]) == 0
+    with pytest.raises(LatentDiTError, match=r"other settings.*guide_scale"):
+        tool.main(argv + ["--guide-scale", "3"])
