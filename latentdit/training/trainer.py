@@ -66,16 +66,15 @@ def micro_batch_terms(process, forward_model: torch.nn.Module, x0: torch.Tensor,
     kwargs: dict[str, Any] = {"y": y}
     if label_dropout:
         kwargs["force_drop_ids"] = rand.drop.to(device, non_blocking=True)
-    model_fn, blocks = forward_model, {}
-    if regularizers:
-        wanted = tuple(sorted({i for r in regularizers for i in r.blocks}))
+    blocks: dict[int, torch.Tensor] = {}
+    wanted = tuple(sorted({i for r in regularizers for i in r.blocks}))
 
-        def model_fn(x_t: torch.Tensor, t: torch.Tensor, **kw: Any) -> torch.Tensor:
-            out, tokens = forward_model(x_t, t, return_blocks=wanted, **kw)
-            blocks.update(tokens)
-            return out
+    def capturing_model(x_t: torch.Tensor, t: torch.Tensor, **kw: Any) -> torch.Tensor:
+        out, tokens = forward_model(x_t, t, return_blocks=wanted, **kw)
+        blocks.update(tokens)
+        return out
 
-    losses = process.training_losses(model_fn, x0, rand.t.to(device, non_blocking=True),
+    losses = process.training_losses(capturing_model if regularizers else forward_model, x0, rand.t.to(device, non_blocking=True),
                                      noise=rand.noise.to(device, non_blocking=True), model_kwargs=kwargs)
     return {"loss": losses["loss"].mean(), **{r.name: r(blocks) for r in regularizers}}
 
