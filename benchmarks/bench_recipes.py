@@ -78,6 +78,13 @@ RECIPES = (
                                   ("rope", "model.pos=rope2d", "2-D RoPE on q/k"),
                                   ("qknorm", "model.qk_norm=true", "qk-norm"))),
     Recipe("best", "configs/fashion_mnist.yaml", (), FLOW_SAMPLERS, "the demo's recipe (configs/fashion_mnist.yaml)"),
+    # encoder-free representation losses on top of the demo's recipe (DiT-T/2 has 4 blocks, 0-based)
+    *(Recipe(f"best+{tag}", "configs/fashion_mnist.yaml", overrides, FLOW_SAMPLERS, f"the demo's recipe + {what}")
+      for tag, overrides, what in (
+          ("layersync", ("train.layersync_weight=0.2", "train.layersync_blocks=[0,2]"),
+           "LayerSync: block 0 toward stop-grad block 2, λ 0.2"),
+          ("dispersive", ("train.dispersive_weight=0.25", "train.dispersive_block=0", "train.dispersive_tau=0.5"),
+           "dispersive loss on block 0, τ 0.5, λ 0.25"))),
 )
 RECIPE_NAMES = tuple(r.name for r in RECIPES)
 
