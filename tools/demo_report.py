@@ -108,9 +108,9 @@ def report_markdown(demo: Any, table: dict, floors: dict, split: dict | None, su
                   "(a seeded draw of as many as the samples per scale: what a perfect generator scores) and the VAE's "
                   "reconstructions of those same images (what a perfect DiT scores with this VAE). Reconstructions "
                   "of the held-out images themselves would be compared with their own originals and sit too low."]
-    lines += ["", "| set | FID | KID ×1000 (± std) | precision | recall |", "|---|---|---|---|---|"]
+    lines += ["", "| cfg scale (or floor) | FID | KID ×1000 (± std) | precision | recall |", "|---|---|---|---|---|"]
     lines += [_metrics_row(f"floor: {name}", m) for name, m in floors.items()]
-    lines += [_metrics_row(f"cfg {scale}", m) for scale, m in table.items()]
+    lines += [_metrics_row(scale, m) for scale, m in table.items()]
     every = list(table.values()) + list(floors.values())
     subsets = sorted({(m["kid_subsets"], m["kid_subset_size"]) for m in every if m.get("kid_subsets")})
     spread = (f" KID's ± is the standard deviation of its estimate over {subsets[0][0]} random subsets of "
