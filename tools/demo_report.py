@@ -50,7 +50,8 @@ def _intro(demo: Any, split: dict | None) -> list[str]:
              f"{kind} trained for {s.train_minutes:g} min; {s.sampler}-{s.num_steps} samples; FID/KID of "
              f"{s.fid_samples} samples per scale against the held-out images.", "",
              "## Split", "",
-             f"{split['num_train']} training and {split['num_held_out']} held-out images. {split['rule']} "
+             f"{split['num_train']} training and {split['num_held_out']} held-out images. "
+             f"{split['rule'].replace('``', '`')} "
              f"Here: --held-out {split['held_out_setting']}, seed {split['seed']}. The held-out files are listed in "
              "`split/held-out.txt`, the training files in `split/train.txt` (paths relative to the folder).", ""]
     if not flat:
@@ -65,15 +66,19 @@ def _skipped(demo: Any) -> list[str]:
     found = []
     manifest = demo.latents_dir / "manifest.json"
     if manifest.is_file():
-        bad = read_json(manifest, "manifest").get("bad", [])
-        found += [("extraction (training part)", b["path"], b["reason"]) for b in bad]
+        links = demo_folder.training_folder(demo.split_dir, demo.dataset())
+        for b in read_json(manifest, "manifest").get("bad_files", []):  # paths of the links: shown relative
+            path = Path(b["path"])
+            found.append(("extraction (training part)",
+                          path.relative_to(links).as_posix() if path.is_relative_to(links) else b["path"], b["reason"]))
     for label, path in (("reference (held out)", demo.reference_npz.parent / "skipped.json"),
                         ("floors (training part)", demo.out / "floors" / "floors.json")):
         if path.is_file():
             found += [(label, b["path"], b["reason"]) for b in read_json(path, "skip record").get("skipped", [])]
     lines = ["## Unreadable files", "",
              "A file that cannot be decoded (truncated, not an image, past Pillow's decompression-bomb limit) is "
-             f"skipped where it is read and counted here: {len(found)} skipped.", ""]
+             f"skipped where it is read and counted here: {len({path for _, path, _ in found})} file(s), listed by "
+             "each stage that met them.", ""]
     if found:
         lines += ["| stage | file | reason |", "|---|---|---|"]
         lines += [f"| {stage} | `{path}` | {reason} |" for stage, path, reason in found[:50]]

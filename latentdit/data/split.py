@@ -64,7 +64,7 @@ class HeldOutSplit:
         return rows
 
     def to_json(self, labels: dict[str, int]) -> dict[str, Any]:
-        return {"rule": __doc__.split("\n\n")[1].replace("\n", " "), "stream": SPLIT_STREAM, "seed": self.seed,
+        return {"rule": " ".join(__doc__.split("\n\n")[1].split()), "stream": SPLIT_STREAM, "seed": self.seed,
                 "held_out_setting": self.held_out_setting, "class_names": self.class_names,
                 "per_class": self.per_class(labels), "num_train": len(self.train),
                 "num_held_out": len(self.held_out)}
