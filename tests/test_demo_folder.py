@@ -188,3 +188,11 @@ def test_image_modes_truncated_files_bombs_and_large_images(tmp_path, monkeypatc
     assert images.shape == (7, 16, 16, 3) and images.dtype == np.uint8
     saved = json.loads((ref.parent / "skipped.json").read_text())
     assert saved["num_files"] == 8 and saved["num_images"] == 7
+
+
+def test_report_rows_show_missing_figures_as_dashes():
+    demo_report = sys.modules["demo_report"]
+    row = demo_report._metrics_row("floor: x", {"fid": 12.5, "kid_mean": 0.002, "kid_std": 0.0005,
+                                                "precision": None, "recall": None})
+    assert row == "| floor: x | 12.50 | 2.00 ± 0.50 | — | — |"
+    assert demo_report._metrics_row("1", {"fid": 3.0}) == "| 1 | 3.00 | — | — | — |"

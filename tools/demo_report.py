@@ -30,10 +30,12 @@ def machine() -> dict:
 
 
 def _metrics_row(label: str, m: dict) -> str:
-    kid = m.get("kid_mean")
-    kid_s = f"{kid * 1000:.2f} ± {m.get('kid_std', 0) * 1000:.2f}" if kid is not None else "—"
-    pr = (f"{m['precision']:.3f}", f"{m['recall']:.3f}") if "precision" in m else ("—", "—")
-    return f"| {label} | {m.get('fid', float('nan')):.2f} | {kid_s} | {pr[0]} | {pr[1]} |"
+    """One table row; a figure the metrics could not give (None or absent: too few images) shows as —."""
+    def num(key: str, fmt: str, scale: float = 1.0) -> str:
+        return format(m[key] * scale, fmt) if m.get(key) is not None else "—"
+
+    kid = num("kid_mean", ".2f", 1000) + (f" ± {num('kid_std', '.2f', 1000)}" if m.get("kid_mean") is not None else "")
+    return f"| {label} | {num('fid', '.2f')} | {kid} | {num('precision', '.3f')} | {num('recall', '.3f')} |"
 
 
 def _intro(demo: Any, split: dict | None) -> list[str]:
@@ -91,7 +93,7 @@ def _skipped(demo: Any) -> list[str]:
 def report_markdown(demo: Any, table: dict, floors: dict, split: dict | None, summary: dict, steps: list,
                     losses: list) -> str:
     s = demo.s
-    grid_what = "one row of samples" if split and split["layout"] == "flat" else "one row per class"
+    grid_what = "unconditional samples" if split and split["layout"] == "flat" else "one row per class"
     lines = ["# latentdit demo report", "", *_intro(demo, split),
              f"## Samples ({grid_what}, cfg {s.grid_cfg_scale:g}, {s.sampler}-{s.num_steps})", "",
              "![samples](samples.png)", ""]
