@@ -10,6 +10,11 @@ DiT can score with this VAE), so each row says how much of its distance is the D
     python benchmarks/bench_recipes.py                              # all recipes, 5 min each
     python benchmarks/bench_recipes.py --minutes 15 --recipes eps flow best
     python benchmarks/bench_recipes.py --repeats 2                  # run the list twice, interleaved
+    python benchmarks/bench_recipes.py --steps 2500 --repeats 2     # a fixed number of steps instead
+
+With ``--minutes`` every recipe gets the same wall-clock budget (quality per compute, the machine's speed
+included); with ``--steps`` the same number of steps (quality per step, independent of the machine's load),
+and the images/s column is measured from the run log, to be read apart.
 
 Runs go round-robin over the recipes (A B C A B C with --repeats 2), so a change in the machine's load
 falls on all of them; the table prints the spread of the repeats. Everything is resumable: rerunning
@@ -18,6 +23,7 @@ the command skips finished training runs, sample files and cached features.
 
 from __future__ import annotations
 
+import json
 import platform
 import sys
 import time
@@ -72,6 +78,13 @@ RECIPES = (
                                   ("rope", "model.pos=rope2d", "2-D RoPE on q/k"),
                                   ("qknorm", "model.qk_norm=true", "qk-norm"))),
     Recipe("best", "configs/fashion_mnist.yaml", (), FLOW_SAMPLERS, "the demo's recipe (configs/fashion_mnist.yaml)"),
+    # encoder-free representation losses on top of the demo's recipe (DiT-T/2 has 4 blocks, 0-based)
+    *(Recipe(f"best+{tag}", "configs/fashion_mnist.yaml", overrides, FLOW_SAMPLERS, f"the demo's recipe + {what}")
+      for tag, overrides, what in (
+          ("layersync", ("train.layersync_weight=0.2", "train.layersync_blocks=[0,2]"),
+           "LayerSync: block 0 toward stop-grad block 2, λ 0.2"),
+          ("dispersive", ("train.dispersive_weight=0.25", "train.dispersive_block=0", "train.dispersive_tau=0.5"),
+           "dispersive loss on block 0, τ 0.5, λ 0.25"))),
 )
 RECIPE_NAMES = tuple(r.name for r in RECIPES)
 
@@ -131,23 +144,27 @@ class Bench:
 
     # -- one recipe ---------------------------------------------------------------------------------
     def run_dir(self, recipe: Recipe, repeat: int) -> Path:
-        return self.out / "runs" / f"{recipe.name}-r{repeat}"
+        runs = f"runs-{self.args.steps}steps" if self.args.steps else "runs"  # a budget's runs never mix
+        return self.out / runs / f"{recipe.name}-r{repeat}"
 
     def train(self, recipe: Recipe, repeat: int) -> dict:
         run = self.run_dir(recipe, repeat)
         done = run / "bench-train-finished"
+        budget = ([f"train.max_steps={self.args.steps}", "train.max_minutes=0"] if self.args.steps
+                  else [f"train.max_minutes={self.args.minutes:g}"])
         if not done.exists():
             cmd = _accelerate_launch() + [
                 _tool("train.py"), "--config", str(REPO_ROOT / recipe.config), "--resume", "auto",
-                f"data.latents={self.data.latents_dir}", f"train.run_dir={run}",
-                f"train.max_minutes={self.args.minutes:g}", "data.flip=false",
+                f"data.latents={self.data.latents_dir}", f"train.run_dir={run}", *budget, "data.flip=false",
                 f"train.seed={self.args.seed + repeat}", "train.sample_every=0", *recipe.overrides]
             self.data._run(f"train {recipe.name} (repeat {repeat})", cmd)
             done.write_text("finished\n")
         state = read_json(self.checkpoint(recipe, repeat).parent / "state.json", "checkpoint state")
         steps = int(state["step"])
-        # the loop stops when the budget is spent, so images/s over the budget is the training throughput
-        return {"steps": steps, "img_per_sec": steps * int(state["global_batch_size"]) / (self.args.minutes * 60)}
+        # the run log's last row: training seconds so far (the budget's clock, resumes included)
+        rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()]
+        seconds = float(rows[-1]["elapsed_s"]) if rows and "elapsed_s" in rows[-1] else self.args.minutes * 60
+        return {"steps": steps, "img_per_sec": steps * int(state["global_batch_size"]) / max(seconds, 1e-9)}
 
     def checkpoint(self, recipe: Recipe, repeat: int) -> Path:
         ckpts = sorted((self.run_dir(recipe, repeat) / "checkpoints").glob("step-*"))
@@ -180,6 +197,8 @@ def main(argv=None) -> int:
     p = make_parser(__doc__.split("\n\n")[0])
     p.add_argument("--out", type=Path, default=Path("bench_recipes"))
     p.add_argument("--minutes", type=non_negative_float, default=5.0, help="training budget of every recipe")
+    p.add_argument("--steps", type=positive_int, default=None,
+                   help="train every recipe for this many steps instead of --minutes (quality per step)")
     p.add_argument("--recipes", nargs="+", choices=RECIPE_NAMES, default=list(RECIPE_NAMES), metavar="NAME",
                    help=f"which recipes: {', '.join(RECIPE_NAMES)}")
     p.add_argument("--repeats", type=positive_int, default=1, help="train each recipe this many times, interleaved")
@@ -213,7 +232,8 @@ def main(argv=None) -> int:
             results[(recipe.name, repeat)] = {"train": train, "scores": scores}
 
     recon_kid = floors["VAE reconstructions"]["kid_mean"]
-    header = (f"\nrecipes at {args.minutes:g} min of training each (DiT-T/2, Fashion-MNIST 64², "
+    budget = f"{args.steps} steps" if args.steps else f"{args.minutes:g} min"
+    header = (f"\nrecipes at {budget} of training each (DiT-T/2, Fashion-MNIST 64², "
               f"{args.extract_limit} training latents); {args.fid_samples} samples per row (balanced labels, "
               f"cfg {args.cfg_scale:g}) vs {args.reference_samples} held-out test images; "
               f"machine: {platform.machine()}, {torch.get_num_threads()} threads")

@@ -1,4 +1,4 @@
-"""Reconstruction quality of VAEs: PSNR and rFID/KID (reconstructions of N images vs the same N originals),
+"""Reconstruction quality of VAEs: PSNR, colour (mean CIEDE2000 ΔE, latentdit.colour) and rFID/KID (reconstructions of N images vs the same N originals),
 optionally FID/KID against a separate reference set (the demo protocol), with the figures of the
 original images beside them. Uses latentdit.metrics (the TF-Inception FID network); ≈ 5–10 img/s on CPU.
 
@@ -10,7 +10,8 @@ original images beside them. Uses latentdit.metrics (the TF-Inception FID networ
     python benchmarks/bench_vae.py --vae latentdit/kl-f8-clipart --data /usr/share/openclipart/png --card-held-out
     python benchmarks/bench_vae.py --vae latentdit/kl-f8-clipart --data /usr/share/tuxpaint/stamps --count 300
 
-``--update-card`` adds the figures to the VAE folder's model_card.json and MODEL_CARD.md.
+``--update-card`` adds the figures to the VAE folder's model_card.json and MODEL_CARD.md. ``--grid-dir DIR``
+writes, per VAE, the images of the set with the largest ΔE (originals above their reconstructions).
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
+from latentdit.colour import reconstruction_delta_e  # noqa: E402
 from latentdit.vae import BUNDLED_VAE_CARD_JSON, VAE, psnr  # noqa: E402
 from latentdit.cli import make_parser, non_negative_int, positive_int, run_main  # noqa: E402
 from latentdit.errors import LatentDiTError  # noqa: E402
@@ -67,6 +69,18 @@ def load_images(data: str, split: str, image_size: int, indices: list[int] | Non
     return torch.stack(images), what
 
 
+def save_worst_delta_e_grid(originals: torch.Tensor, recon: torch.Tensor, delta_e: np.ndarray, path: Path,
+                            count: int = 8) -> Path:
+    """The ``count`` images with the largest ΔE: originals in the upper row, reconstructions below, each
+    labelled with its ΔE."""
+    from latentdit.visualize import save_labeled_grid
+
+    worst = np.argsort(-delta_e, kind="stable")[:count].tolist()
+    images = torch.cat([originals[worst], recon[worst].clamp(-1, 1)])
+    labels = [f"dE {delta_e[i]:.1f}" for i in worst] * 2
+    return save_labeled_grid(images, labels, path, nrow=len(worst))
+
+
 def main(argv=None) -> int:
     p = make_parser(__doc__.strip().splitlines()[0])
     p.add_argument("--vae", action="append", required=True, help="bundled name or save_pretrained folder (repeatable)")
@@ -83,6 +97,8 @@ def main(argv=None) -> int:
     p.add_argument("--reference-split", default=None, help="split of the reference images (default: --split)")
     p.add_argument("--batch-size", type=positive_int, default=50, help="images per Inception forward")
     p.add_argument("--update-card", action="store_true", help="write the figures into the (first) VAE's model card")
+    p.add_argument("--grid-dir", type=Path, default=None, metavar="DIR",
+                   help="write DIR/<vae>-worst-delta-e.png per VAE: the worst-ΔE originals above their reconstructions")
     p.add_argument("--note", default="", help="text added to the model card entry (e.g. the load it was measured under)")
     args = p.parse_args(argv)
 
@@ -104,7 +120,7 @@ def main(argv=None) -> int:
     if args.reference_start is not None:
         reference, ref_what = load_images(args.data, args.reference_split or args.split, size, start=args.reference_start,
                                           count=args.reference_count)
-    print(f"{what}, {size}x{size}; metrics: PSNR, FID/KID x1000/precision/recall (latentdit.metrics)", flush=True)
+    print(f"{what}, {size}x{size}; metrics: PSNR, mean ΔE2000, FID/KID x1000/precision/recall (latentdit.metrics)", flush=True)
 
     def features(images: torch.Tensor):  # Inception features of each set once (the slow part)
         return load_source(_to_uint8_hwc(images), common)
@@ -115,18 +131,23 @@ def main(argv=None) -> int:
     if reference is not None:
         reference = features(reference)
         m = compute_metrics(reference, original_features, common)
-        rows.append(("original images", None, m, None))
+        rows.append(("original images", None, m, None, None))
     for spec in args.vae:
         vae = VAE.load(spec)
         t0 = time.perf_counter()
         recon = vae.reconstruct(originals)
         seconds = time.perf_counter() - t0
         value = float(psnr(recon, originals).mean())
+        delta_e = reconstruction_delta_e(originals, recon)
+        if args.grid_dir is not None:
+            name = spec.rstrip("/").replace("/", "-").replace("\\", "-")
+            grid = save_worst_delta_e_grid(originals, recon, delta_e, args.grid_dir / f"{name}-worst-delta-e.png")
+            print(f"    worst-ΔE images: {grid}")
         recon_features = features(recon)
         rfid = compute_metrics(original_features, recon_features, common)
         demo = compute_metrics(reference, recon_features, common) if reference is not None else None
-        rows.append((spec, value, rfid, demo))
-        print(f"{spec}: PSNR {value:.2f} dB; rFID {rfid['fid']:.1f}, rKID x1000 {1000 * rfid['kid_mean']:.1f} "
+        rows.append((spec, value, rfid, demo, float(delta_e.mean())))
+        print(f"{spec}: PSNR {value:.2f} dB, mean ΔE2000 {delta_e.mean():.2f}; rFID {rfid['fid']:.1f}, rKID x1000 {1000 * rfid['kid_mean']:.1f} "
               f"(recon vs the same {n} originals); encode+decode {n / seconds:.1f} img/s", flush=True)
         if demo is not None:
             print(f"    vs reference ({ref_what}): FID {demo['fid']:.1f} / KID x1000 {1000 * demo['kid_mean']:.1f} / "
@@ -143,8 +164,8 @@ def main(argv=None) -> int:
 
         command = "python benchmarks/bench_vae.py " + shlex.join(list(argv) if argv is not None else sys.argv[1:])
         command = command.replace(" --update-card", "")
-        spec, value, rfid, demo = next(r for r in rows if r[0] == args.vae[0])
-        text = (f"{what} at {size}x{size}: PSNR {value:.2f} dB, rFID {rfid['fid']:.1f}, rKID x1000 "
+        spec, value, rfid, demo, delta_e_mean = next(r for r in rows if r[0] == args.vae[0])
+        text = (f"{what} at {size}x{size}: PSNR {value:.2f} dB, mean ΔE2000 {delta_e_mean:.2f}, rFID {rfid['fid']:.1f}, rKID x1000 "
                 f"{1000 * rfid['kid_mean']:.1f} (reconstructions vs the same {n} originals)")
         if demo is not None:
             base = rows[0][2]
@@ -152,16 +173,16 @@ def main(argv=None) -> int:
                      f"precision {demo['precision']:.2f} / recall {demo['recall']:.2f} (the original images: FID "
                      f"{base['fid']:.1f} / KID x1000 {1000 * base['kid_mean']:.1f} / {base['precision']:.2f} / "
                      f"{base['recall']:.2f})")
-        for other, v, r, d in rows[1:]:
-            if other != args.vae[0]:
-                text += f"; {other}: PSNR {v:.2f} dB, rFID {r['fid']:.1f}, rKID x1000 {1000 * r['kid_mean']:.1f}"
+        for other, v, r, d, e in rows:
+            if other not in (args.vae[0], "original images"):
+                text += f"; {other}: PSNR {v:.2f} dB, ΔE2000 {e:.2f}, rFID {r['fid']:.1f}, rKID x1000 {1000 * r['kid_mean']:.1f}"
                 if d is not None:
                     text += f", vs reference FID {d['fid']:.1f} / KID x1000 {1000 * d['kid_mean']:.1f}"
         if args.note:
             text += f". {args.note}"
         entries = [e for e in card.get("benchmarks", []) if e.get("command") != command]
         card["benchmarks"] = entries + [{"text": text, "command": command, "psnr_db": round(value, 3),
-                                         "rfid": rfid["fid"], "images": n}]
+                                         "delta_e2000": round(delta_e_mean, 3), "rfid": rfid["fid"], "images": n}]
         write_model_card(first.folder, card)
         print(f"model card updated: {first.folder}")
     return 0

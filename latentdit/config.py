@@ -117,6 +117,13 @@ class TrainConfig:
     sample_num_seeds: int = 4
     results_dir: str = "results"
     run_dir: str = ""
+    # representation regularisers (latentdit.training.regularizers); weight 0 = off
+    layersync_weight: float = 0.0         # LayerSync: λ · −cos(tokens of block source, sg(tokens of block target))
+    layersync_blocks: list[int] = field(default_factory=list)   # [source, target], 0-based, source < target
+    dispersive_weight: float = 0.0        # dispersive loss (InfoNCE without positives) on one block's tokens
+    dispersive_block: int | None = None   # 0-based block index
+    dispersive_tau: float = 1.0           # temperature τ
+    dispersive_distance: str = "l2"       # l2 (squared distance / dimension) | cosine (−cosine similarity)
 
 
 @dataclass

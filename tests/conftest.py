@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from sampling_helpers import make_tiny_dit
 from training_helpers import PoolVAE, extract, write_image_folder
 
 
@@ -43,3 +44,13 @@ def vae_latents(tmp_path_factory) -> Path:
                   layers_per_block=1, latent_channels=4, norm_num_groups=4, sample_size=16,
                   scaling_factor=0.7).save_pretrained(root / "vae")
     return extract(write_image_folder(root / "images", n_per_class=4), root / "lat", VAE.load(root / "vae"))
+
+
+@pytest.fixture(scope="module")
+def tiny_model():
+    return make_tiny_dit()
+
+
+@pytest.fixture(scope="module")
+def tiny_flow_model():
+    return make_tiny_dit(seed=2, learn_sigma=False)

@@ -9,22 +9,11 @@ from latentdit.diffusion import FlowProcess
 from latentdit.visualize import TRAJECTORY_HEADER
 
 try:
-    from sampling_helpers import make_tiny_dit, make_tiny_vae_dir, run_sample_tool, save_our_checkpoint
+    from sampling_helpers import make_tiny_vae_dir, run_sample_tool, save_our_checkpoint
 except ImportError:  # tests/ imported as a package
-    from tests.sampling_helpers import make_tiny_dit, make_tiny_vae_dir, run_sample_tool, save_our_checkpoint
+    from tests.sampling_helpers import make_tiny_vae_dir, run_sample_tool, save_our_checkpoint
 
 FLOW = FlowProcess()
-
-
-@pytest.fixture(scope="module")
-def tiny_model():
-    return make_tiny_dit()
-
-
-@pytest.fixture(scope="module")
-def tiny_flow_model():
-    return make_tiny_dit(seed=2, learn_sigma=False)
-
 
 
 def test_sample_tool_writes_a_labelled_grid_and_individual_pngs(tmp_path, tiny_model, capsys):
@@ -68,7 +57,6 @@ def test_sample_tool_bad_input_exits_2_with_a_message(tmp_path, tiny_model, caps
     assert not (tmp_path / "g.png").exists()
 
 
-
 def test_sample_tool_samples_a_flow_model_with_its_default_sampler(tmp_path, tiny_flow_model, capsys):
     from PIL import Image
 
@@ -86,7 +74,6 @@ def test_sample_tool_samples_a_flow_model_with_its_default_sampler(tmp_path, tin
     assert code == 2
     assert "sampler 'ddim' (--sampler) samples ddpm models" in capsys.readouterr().err
     assert not (tmp_path / "g2.png").exists()
-
 
 
 @pytest.mark.parametrize("where", ["folder", "under_a_file", "device"])

@@ -13,26 +13,15 @@ from latentdit.diffusion.samplers import make_dpm_solver
 from latentdit.errors import LatentDiTError
 
 try:
-    from sampling_helpers import counting_hook, make_tiny_dit, make_tiny_vae_dir
+    from sampling_helpers import counting_hook, make_tiny_vae_dir
 except ImportError:  # tests/ imported as a package
-    from tests.sampling_helpers import counting_hook, make_tiny_dit, make_tiny_vae_dir
+    from tests.sampling_helpers import counting_hook, make_tiny_vae_dir
 
 STEPS = 4
 
 
-@pytest.fixture(scope="module")
-def tiny_model():
-    return make_tiny_dit()
-
-
-@pytest.fixture(scope="module")
-def tiny_flow_model():
-    return make_tiny_dit(seed=2, learn_sigma=False)
-
-
-
 DDPM_SAMPLERS = ("ddpm", "ddim", "dpm-solver")
-FLOW_SAMPLERS = ("euler", "heun", "euler-maruyama")
+FLOW_SAMPLERS = FlowProcess.samplers
 FLOW = FlowProcess()
 
 
@@ -54,8 +43,6 @@ def _evaluations(sampler, steps=STEPS):
     from latentdit.diffusion.samplers import SAMPLERS
 
     return SAMPLERS[sampler].evaluations(steps)
-
-
 
 
 # ----------------------------------------------------------------------------------------------
@@ -206,7 +193,7 @@ def test_bad_sampling_arguments(tiny_model, kw, match):
 
 @pytest.mark.parametrize("kw, match", [
     (dict(sampler="ddim"), r"sampler 'ddim' \(--sampler\) samples ddpm models.*flow process; choose one of "
-                           r"euler, heun, euler-maruyama"),
+                           + ", ".join(FlowProcess.samplers)),
     (dict(guided_channels=3), r"guided channels \(--guided-channels\) other than 'all' apply to ddpm models"),
     (dict(guidance_interval=(0.2, 1.5)), r"0 ≤ lo ≤ hi ≤ 1 \(flow times\)"),
     (dict(time_shift=0.0), r"time_shift \(--time-shift\) must be a finite number > 0"),
@@ -241,8 +228,6 @@ def test_sample_seeded_is_independent_of_batch_size_and_where_a_batch_starts(req
         other_steps = S.sample_latents(model, labels[:1], settings, process=process, x_T=x_T,
                                        noise=torch.Generator().manual_seed(99))
         assert (again - other_steps).abs().max() > 1e-3
-
-
 
 
 # ----------------------------------------------------------------------------------------------
@@ -288,8 +273,6 @@ def test_callback_sees_every_step_with_its_state_time_and_estimate(request, samp
     assert (infos[-1]["denoised"] - out).abs().mean() < (infos[0]["denoised"] - out).abs().mean()
 
 
-
-
 # ----------------------------------------------------------------------------------------------
 # Default labels, decoding
 # ----------------------------------------------------------------------------------------------
@@ -298,8 +281,6 @@ def test_default_labels():
     assert S.default_labels(10) == list(range(10))
     many = S.default_labels(1000)
     assert len(many) == 16 and many[0] == 0 and many[-1] == 999
-
-
 
 
 def test_decode_to_uint8_and_vae_check(tmp_path, tiny_model):

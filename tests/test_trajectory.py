@@ -11,22 +11,6 @@ from latentdit.diffusion import FlowProcess
 from latentdit.sampling import record_trajectory, trajectory_steps
 from latentdit.visualize import TRAJECTORY_HEADER, save_trajectory_grid, to_uint8
 
-try:
-    from sampling_helpers import make_tiny_dit
-except ImportError:  # tests/ imported as a package
-    from tests.sampling_helpers import make_tiny_dit
-
-
-@pytest.fixture(scope="module")
-def tiny_model():
-    return make_tiny_dit()
-
-
-@pytest.fixture(scope="module")
-def tiny_flow_model():
-    return make_tiny_dit(seed=2, learn_sigma=False)
-
-
 
 def _model_and_process(request, sampler):
     if sampler in ("euler", "heun", "euler-maruyama"):

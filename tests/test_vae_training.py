@@ -90,6 +90,9 @@ def test_folder_run_exports_a_vae_for_from_pretrained_and_extract(image_folder, 
     assert model.config.scaling_factor == pytest.approx(1 / card["latent_std"], rel=1e-9)
     assert len(model.config.latents_mean) == len(model.config.latents_std) == 4
     assert card["steps_done"] == 4 and "flat shapes" in (vae_dir / "MODEL_CARD.md").read_text()
+    # held-out colour difference, on the same images as the PSNR, in the card and its text
+    assert 0 < card["delta_e2000"] < 100
+    assert f"ΔE **{card['delta_e2000']:.2f}**" in (vae_dir / "MODEL_CARD.md").read_text()
     assert (run / "samples" / "step-0000004.png").is_file()
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step-0000002", "step-0000004"]
 

@@ -20,17 +20,6 @@ except ImportError:  # tests/ imported as a package
     from tests.sampling_helpers import CLASS_NAMES, make_tiny_dit, save_our_checkpoint
 
 
-@pytest.fixture(scope="module")
-def tiny_model():
-    return make_tiny_dit()
-
-
-@pytest.fixture(scope="module")
-def tiny_flow_model():
-    return make_tiny_dit(seed=2, learn_sigma=False)
-
-
-
 def _same_weights(a, b) -> bool:
     sa, sb = a.state_dict(), b.state_dict()
     return sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
@@ -117,7 +106,6 @@ def test_released_checkpoint_shaped_state_dict_loads_and_samples(tmp_path, tiny_
     assert torch.equal(ours, theirs)
 
 
-
 def test_flow_process_travels_in_the_weights_metadata(tmp_path, tiny_flow_model, tiny_model):
     process = FlowProcess(prediction="x", time_shift=2.0)
     ck = load_model_for_sampling(save_our_checkpoint(tiny_flow_model, tmp_path / "a.safetensors", process=process))
@@ -126,7 +114,6 @@ def test_flow_process_travels_in_the_weights_metadata(tmp_path, tiny_flow_model,
     assert load_model_for_sampling(save_our_checkpoint(tiny_model, tmp_path / "b.safetensors")).process.name == "ddpm"
     with pytest.raises(LatentDiTError, match=r"b2.safetensors: model.learn_sigma=true does not apply"):
         load_model_for_sampling(save_our_checkpoint(tiny_model, tmp_path / "b2.safetensors", process=process))
-
 
 
 def test_save_weights_writes_what_the_loader_reads(tmp_path, tiny_model, tiny_flow_model):

@@ -1,8 +1,14 @@
-"""The main job end to end on the offline default: Fashion-MNIST → bundled KL-f8 VAE latents →
-class-conditional DiT → guided samples → FID/KID, with a report folder.
+"""The main job end to end: images → KL-f8 VAE latents → DiT → guided samples → FID/KID, with a report folder.
+By default on Fashion-MNIST (offline); ``--data FOLDER`` does the same on your own images.
 
     python tools/demo.py                       # everything, into demo_output/
     python tools/demo.py --only fid report     # rerun chosen stages (finished work is kept)
+    python tools/demo.py --data my_images --out my_demo   # your images (one class per subfolder, or flat)
+
+With ``--data FOLDER`` (one class per subfolder; a flat folder is one class, trained and sampled
+unconditionally) a seeded part of every class is held out (``--held-out``), the rest encoded with the
+folder default VAE and trained with configs/clipart.yaml's recipe; the samples and two floors are scored
+against the held-out images (tools/demo_folder.py). Unreadable files are skipped and counted.
 
 Each stage runs one of the project's tools in a subprocess (the very command a user would type),
 so the report can list the exact command of every stage and any one of them can be rerun alone.
@@ -12,24 +18,24 @@ cached, so running the demo again after an interruption only does what is missin
 
 Output folder layout::
 
+    <out>/split/                    (--data) training links, train.txt, held-out.txt, split.json
     <out>/latents/train/            shards + manifest.json (tools/extract.py)
-    <out>/reference/test.npz        held-out Fashion-MNIST test images, ADM layout (arr_0)
+    <out>/reference/test.npz        held-out images (Fashion-MNIST: its test images), ADM layout (arr_0)
+    <out>/floors/                   (--data) real training images and their VAE reconstructions
     <out>/train/                    the training run (config.yaml, metrics.jsonl, checkpoints/, samples/)
     <out>/samples/cfg-<s>/          samples.npz per guidance scale (tools/sample_ddp.py)
-    <out>/metrics/cfg-<s>.json      FID / KID / precision / recall (tools/fid.py)
+    <out>/metrics/cfg-<s>.json      FID / KID / precision / recall (tools/fid.py); floor-*.json for the floors
     <out>/report/                   README.md, samples grid, loss curve, config.yaml, metrics.json
 """
 
 from __future__ import annotations
 
-import json
 import os
-import platform
 import shlex
-import shutil
 import subprocess
 import sys
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
@@ -38,13 +44,21 @@ import numpy as np
 
 from latentdit.cli import make_parser, non_negative_float, parse_with_overrides, positive_int, run_main
 from latentdit.distributed import EXIT_USER_ERROR
+from latentdit.data.split import parse_held_out
 from latentdit.errors import LatentDiTError, ReportedError
-from latentdit.io import atomic_path, check_output_folder, read_json, write_json
+from latentdit.io import atomic_path, check_output_folder, read_json
 from latentdit.sampling import SAMPLERS
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # the demo's helper modules beside it in tools/
+import demo_folder  # noqa: E402
+import demo_report  # noqa: E402
 
 REPO_ROOT = Path(__file__).resolve().parents[1]  # this file is tools/demo.py
 DEMO_CONFIG = REPO_ROOT / "configs" / "fashion_mnist.yaml"
-STAGES = ("extract", "reference", "train", "grid", "samples", "fid", "report")
+FOLDER_CONFIG = REPO_ROOT / "configs" / "clipart.yaml"   # the RGB recipe, the default for image folders
+STAGES = ("split", "extract", "reference", "floors", "train", "grid", "samples", "fid", "report")
+FOLDER_ONLY = ("split", "floors")
+FOLDER_FID_SAMPLES = 300  # per scale: keeps a folder of a few thousand images within ~15 minutes on 2 CPU cores
 
 
 @dataclass
@@ -69,6 +83,9 @@ class DemoSettings:
     seed: int = 0
     fid_batch_size: int = 50
     data_dir: Path | None = None            # where latents/ and reference/ live (default: out); lets runs share them
+    data: Path | None = None                # an image folder instead of Fashion-MNIST
+    held_out: float | int = 0.1             # --data: fraction (0 < x < 1) or count of each class held out
+    detector: Path | None = None            # the Inception file, if not the installed one
 
 
 @dataclass
@@ -115,11 +132,52 @@ class Demo:
         self.out = Path(settings.out).expanduser().resolve()
         self.log = log
         self.results: list[StageResult] = []
+        self._dataset = None
 
     # -- paths -------------------------------------------------------------------------------------
     @property
     def data_dir(self) -> Path:
         return Path(self.s.data_dir).expanduser().resolve() if self.s.data_dir else self.out
+
+    @property
+    def folder(self) -> Path | None:
+        return Path(self.s.data).expanduser().resolve() if self.s.data else None
+
+    @property
+    def config_file(self) -> Path:
+        return FOLDER_CONFIG if self.folder else DEMO_CONFIG
+
+    @property
+    def split_dir(self) -> Path:
+        return self.data_dir / "split"
+
+    def dataset(self):
+        """The user's folder (listing only, nothing decoded)."""
+        if self._dataset is None:
+            self._dataset = demo_folder.open_folder(self.folder, self.s.image_size)
+        return self._dataset
+
+    @property
+    def flat(self) -> bool:
+        return bool(self.folder) and demo_folder.is_flat(self.dataset())
+
+    def vae_spec(self) -> str:
+        from latentdit.vae import default_vae_for
+
+        manifest = self.latents_dir / "manifest.json"
+        if manifest.is_file():
+            return read_json(manifest, "manifest")["vae"]["spec"]
+        return default_vae_for(self.folder or "fashion-mnist")
+
+    def stages(self) -> tuple[str, ...]:
+        return STAGES if self.folder else tuple(s for s in STAGES if s not in FOLDER_ONLY)
+
+    def rerun(self, stage: str) -> str:
+        """The demo command that reruns one in-process stage."""
+        cmd = [sys.executable, _tool("demo.py"), "--out", str(self.out)]
+        if self.folder:
+            cmd += ["--data", str(self.folder), "--held-out", f"{self.s.held_out:g}", "--seed", str(self.s.seed)]
+        return _display(cmd + ["--only", stage])
 
     @property
     def latents_dir(self) -> Path:
@@ -158,10 +216,15 @@ class Demo:
         self.results.append(StageResult(name, shown, seconds))
         self.log(f"=== [{name}] done in {seconds:.1f} s")
 
-    def _record(self, name: str, shown: str, start: float) -> None:
-        seconds = time.perf_counter() - start
-        self.results.append(StageResult(name, shown, seconds))
-        self.log(f"=== [{name}] done in {seconds:.1f} s")
+    @contextmanager
+    def _in_process(self, name: str):
+        """A stage run in this process, logged and timed like the others; the demo command reruns it alone."""
+        shown = self.rerun(name)
+        self.log(f"\n=== [{name}] {shown}")
+        start = time.perf_counter()
+        yield
+        self.results.append(StageResult(name, shown, time.perf_counter() - start))
+        self.log(f"=== [{name}] done in {self.results[-1].seconds:.1f} s")
 
     def checkpoint(self) -> Path:
         """The EMA weights of the run's latest checkpoint."""
@@ -171,31 +234,49 @@ class Demo:
         return ckpts[-1] / "ema.safetensors"
 
     # -- stages ------------------------------------------------------------------------------------
+    def stage_split(self) -> None:
+        with self._in_process("split"):
+            record = demo_folder.write_split(self.dataset(), self.split_dir, self.s.held_out, self.s.seed)
+            self.log(f"{record['num_train']} training and {record['num_held_out']} held-out images "
+                     f"({len(record['class_names'])} class(es)); lists in {self.split_dir}")
+
     def stage_extract(self) -> None:
-        cmd = [sys.executable, _tool("extract.py"), "--data", "fashion-mnist", "--split", "train",
-               "--image-size", str(self.s.image_size), "--out", str(self.latents_dir)]
-        if self.s.extract_limit:
+        if self.folder:  # the training part only, as configs/clipart.yaml's recipe wants it
+            cmd = [sys.executable, _tool("extract.py"), "--data",
+                   str(demo_folder.training_folder(self.split_dir, self.dataset())),
+                   "--image-size", str(self.s.image_size), "--latent-norm", "per-channel", "--out", str(self.latents_dir)]
+        else:
+            cmd = [sys.executable, _tool("extract.py"), "--data", "fashion-mnist", "--split", "train",
+                   "--image-size", str(self.s.image_size), "--out", str(self.latents_dir)]
+        if self.s.extract_limit and not self.folder:
             cmd += ["--limit", str(self.s.extract_limit)]
         if not self.s.flip:
             cmd.append("--no-flip")
         self._run("extract", cmd)
 
     def stage_reference(self) -> None:
-        """Held-out test images (the first N of the balanced t10k split) as an ADM-style npz."""
+        """Held-out images as an ADM-style npz: a folder's held-out part, or the first N of Fashion-MNIST's
+        balanced t10k split."""
         from latentdit.data.fashion_mnist import FashionMNIST
 
-        shown = _display([sys.executable, _tool("demo.py"), "--out", str(self.out), "--only", "reference"])
-        self.log(f"\n=== [reference] {shown}")
-        start = time.perf_counter()
-        dataset = FashionMNIST(split="test", image_size=self.s.image_size)
-        n = min(self.s.reference_samples, len(dataset))
-        images = np.stack([dataset.image_uint8(i) for i in range(n)])
-        if images.ndim == 3:  # grey → RGB, as the VAE and the samples see them
-            images = np.repeat(images[..., None], 3, axis=-1)
-        with atomic_path(self.reference_npz) as tmp:
-            with open(tmp, "wb") as f:
+        with self._in_process("reference"):
+            if self.folder:
+                record = demo_folder.write_reference(Path(self.dataset().root), self.split_dir, self.reference_npz,
+                                                     self.s.image_size)
+                self.log(f"{record['num_images']} held-out images, {len(record['skipped'])} unreadable ones skipped")
+                return
+            dataset = FashionMNIST(split="test", image_size=self.s.image_size)
+            images = np.stack([dataset.image_uint8(i) for i in range(min(self.s.reference_samples, len(dataset)))])
+            if images.ndim == 3:  # grey → RGB, as the VAE and the samples see them
+                images = np.repeat(images[..., None], 3, axis=-1)
+            with atomic_path(self.reference_npz) as tmp, open(tmp, "wb") as f:
                 np.savez(f, arr_0=images)
-        self._record("reference", shown, start)
+
+    def stage_floors(self) -> None:
+        """Real training images and the VAE's reconstructions of the same images (see tools/demo_folder.py)."""
+        with self._in_process("floors"):
+            demo_folder.write_floors(Path(self.dataset().root), self.split_dir, self.out / "floors",
+                                     self.s.image_size, self.s.fid_samples, self.s.seed, self.vae_spec(), self.log)
 
     @property
     def train_done_marker(self) -> Path:
@@ -208,22 +289,28 @@ class Demo:
             self.log(f"\n=== [train] already finished ({self.checkpoint().parent.name}); "
                      f"delete {self.run_dir} to train again")
             return
-        cmd = _accelerate_launch() + [_tool("train.py"), "--config", str(DEMO_CONFIG), "--resume", "auto",
+        cmd = _accelerate_launch() + [_tool("train.py"), "--config", str(self.config_file), "--resume", "auto",
                                       *self.train_overrides()]
         self._run("train", cmd)
         self.train_done_marker.write_text(f"{self.checkpoint()}\n")
 
     def train_overrides(self) -> list[str]:
         """The config overrides of the training stage: the demo's own, then the user's."""
-        return [f"data.latents={self.latents_dir}", f"train.run_dir={self.run_dir}",
-                f"train.max_minutes={self.s.train_minutes:g}", f"data.flip={str(self.s.flip).lower()}",
-                f"train.seed={self.s.seed}", *self.s.train_overrides]
+        own = [f"data.latents={self.latents_dir}", f"train.run_dir={self.run_dir}",
+               f"train.max_minutes={self.s.train_minutes:g}", f"data.flip={str(self.s.flip).lower()}",
+               f"train.seed={self.s.seed}"]
+        if self.folder:  # the recipe keeps every checkpoint; the demo needs its last one only
+            own.append("train.keep_last=2")
+        if self.flat:  # one class: nothing for a label (or its dropout) to carry, so no null class either
+            own.append("model.class_dropout_prob=0")
+        return own + list(self.s.train_overrides)
 
     def stage_grid(self) -> None:
         cmd = [sys.executable, _tool("sample.py"), "--ckpt", str(self.checkpoint()),
                "--samples-per-label", str(self.s.samples_per_class),
                "--cfg-scale", f"{self.s.grid_cfg_scale:g}", "--sampler", self.s.sampler,
                "--num-steps", str(self.s.num_steps), "--seed", str(self.s.seed),
+               *(["--labels", "0,0,0,0"] if self.flat else []),
                "--out", str(self.report_dir / "samples.png"),
                "--trajectory", str(self.report_dir / "trajectory.png")]
         self._run("grid", cmd)
@@ -236,56 +323,34 @@ class Demo:
                    "--seed", str(self.s.seed), "--out-dir", str(self.samples_dir(scale))]
             self._run(f"samples cfg {scale:g}", cmd)
 
+    def floor_json(self, name: str) -> Path:
+        return self.out / "metrics" / f"floor-{name.split()[0].lower()}.json"
+
     def stage_fid(self) -> None:
-        for scale in self.s.cfg_scales:
-            cmd = [sys.executable, _tool("fid.py"), str(self.reference_npz),
-                   str(self.samples_dir(scale) / "samples.npz"), "--batch-size", str(self.s.fid_batch_size),
-                   "--json", str(self.metrics_json(scale))]
-            self._run(f"fid cfg {scale:g}", cmd)
+        scored = [(f"fid cfg {scale:g}", self.samples_dir(scale) / "samples.npz", self.metrics_json(scale))
+                  for scale in self.s.cfg_scales]
+        if self.folder:
+            scored += [(f"fid floor {name}", path, self.floor_json(name))
+                       for name, path in demo_folder.floor_paths(self.out / "floors").items()]
+        for name, npz, json_path in scored:
+            cmd = [sys.executable, _tool("fid.py"), str(self.reference_npz), str(npz),
+                   "--batch-size", str(self.s.fid_batch_size), "--json", str(json_path)]
+            if self.s.detector:
+                cmd += ["--detector", str(self.s.detector)]
+            self._run(name, cmd)
 
     def stage_report(self) -> Path:
-        from latentdit.visualize import save_line_plot
-
-        self.report_dir.mkdir(parents=True, exist_ok=True)
-        metrics_file = self.run_dir / "metrics.jsonl"
-        steps, losses = [], []
-        if metrics_file.exists():
-            for line in metrics_file.read_text().splitlines():
-                rec = json.loads(line)
-                if "loss" in rec and "step" in rec:
-                    steps.append(rec["step"])
-                    losses.append(rec["loss"])
-        if steps:
-            save_line_plot(steps, losses, self.report_dir / "loss.png", title="training loss (all processes)",
-                           xlabel="step", ylabel="loss")
-        if (self.run_dir / "config.yaml").exists():
-            shutil.copyfile(self.run_dir / "config.yaml", self.report_dir / "config.yaml")
-        table = {}
-        for scale in self.s.cfg_scales:
-            if self.metrics_json(scale).exists():
-                table[_fmt_scale(scale)] = read_json(self.metrics_json(scale), "metrics file")
-        write_json(self.report_dir / "metrics.json", table)
-        summary = {"stages": [r.__dict__ for r in self.results], "settings": _settings_json(self.s),
-                   "machine": _machine()}
-        timings_file = self.report_dir / "timings.json"
-        if timings_file.exists():  # keep timings of stages not rerun this time
-            old = {r["name"]: r for r in read_json(timings_file, "timings file").get("stages", [])}
-            new = {r.name for r in self.results}
-            summary["stages"] = [r for name, r in old.items() if name not in new] + summary["stages"]
-        write_json(timings_file, summary)
-        path = self.report_dir / "README.md"
-        with atomic_path(path) as tmp:
-            tmp.write_text(_report_markdown(self, table, summary, steps, losses))
+        path = demo_report.write_report(self)
         self.log(f"\nreport: {path}")
         return path
 
     def run(self, only: Sequence[str] | None = None) -> Path | None:
-        stages = list(only) if only else list(STAGES)
+        stages = list(only) if only else list(self.stages())
         self.check(stages)
         self.out.mkdir(parents=True, exist_ok=True)
         total = time.perf_counter()
         report = None
-        for name in STAGES:
+        for name in self.stages():
             if name in stages:
                 if name == "report":
                     report = self.stage_report()
@@ -293,7 +358,6 @@ class Demo:
                     getattr(self, f"stage_{name}")()
         self.log(f"\ndemo finished in {(time.perf_counter() - total) / 60:.1f} min")
         return report
-
 
     def check(self, stages: Sequence[str]) -> None:
         """Everything the chosen stages need that is known now: raises :class:`LatentDiTError` before the first
@@ -304,7 +368,8 @@ class Demo:
         if unknown:
             raise LatentDiTError(f"unknown demo stage(s) {unknown}; valid stages: {', '.join(STAGES)}")
         check_output_folder(self.out, "--out")
-        cfg = load_config(DEMO_CONFIG, self.train_overrides())  # every override, as the training tool checks it
+        cfg = load_config(self.config_file, self.train_overrides())  # every override, as the training tool checks it
+        demo_folder.check_folder(self, stages, FOLDER_ONLY, cfg.train.global_batch_size)
         if {"grid", "samples"} & set(stages):  # the sampler settings, against the process trained with
             from latentdit.diffusion import build_process
             from latentdit.sampling import SamplerSettings
@@ -324,100 +389,59 @@ class Demo:
             needed = [] if "reference" in stages else [self.reference_npz]
             if "samples" not in stages:
                 needed += [self.samples_dir(scale) / "samples.npz" for scale in self.s.cfg_scales]
+            if self.folder and "floors" not in stages:
+                needed += list(demo_folder.floor_paths(self.out / "floors").values())
             missing = [p for p in needed if not p.is_file()]
             if missing:
-                stage = "reference" if missing[0] == self.reference_npz else "samples"
+                stage = ("reference" if missing[0] == self.reference_npz else
+                         "floors" if "floors" in missing[0].parts else "samples")
                 raise LatentDiTError(f"nothing to evaluate: {missing[0]} does not exist; run the '{stage}' stage "
                                      "first (or the whole demo)")
-
-
-def _settings_json(s: DemoSettings) -> dict:
-    d = dict(s.__dict__)
-    d["out"] = str(d["out"])
-    d["data_dir"] = str(d["data_dir"]) if d["data_dir"] else None
-    d["cfg_scales"] = list(d["cfg_scales"])
-    return d
-
-
-def _machine() -> dict:
-    import torch
-
-    return {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
-            "cpu_count": os.cpu_count(), "torch": torch.__version__,
-            "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
-
-
-def _report_markdown(demo: Demo, table: dict, summary: dict, steps: list, losses: list) -> str:
-    s = demo.s
-    lines = ["# latentdit demo report", "",
-             f"Fashion-MNIST at {s.image_size}×{s.image_size} through the bundled KL-f8 VAE; a class-conditional "
-             f"DiT trained for {s.train_minutes:g} min on CPU; {s.sampler}-{s.num_steps} samples; FID/KID of "
-             f"{s.fid_samples} guided samples per scale (balanced labels) against {s.reference_samples} held-out "
-             "test images.", "",
-             f"## Samples (one row per class, cfg {s.grid_cfg_scale:g}, {s.sampler}-{s.num_steps})", "",
-             "![samples](samples.png)", ""]
-    if (demo.report_dir / "trajectory.png").exists():
-        lines += ["## Denoising trajectory", "",
-                  "For the first sample of a few classes: the current state x_t (decoded) and the model's estimate of "
-                  "the clean image at that point of the chain, from pure noise (left) to the sample (right).", "",
-                  "![trajectory](trajectory.png)", ""]
-    if steps:
-        lines += ["## Training loss", "", "![loss](loss.png)", "",
-                  f"{len(steps)} logged points, last step {steps[-1]}, last loss {losses[-1]:.4f}.", ""]
-    lines += ["## FID / KID by guidance scale", "",
-              f"Protocol: {s.fid_samples} samples per scale with balanced labels, {s.sampler}-{s.num_steps}, seed "
-              f"{s.seed}; reference: the first {s.reference_samples} Fashion-MNIST test images (never trained on); "
-              "TF-Inception pool3 features.", "",
-              "| cfg scale | FID | KID ×1000 (± std) | precision | recall |", "|---|---|---|---|---|"]
-    for scale, m in table.items():
-        kid = m.get("kid_mean")
-        kid_s = f"{kid * 1000:.2f} ± {m.get('kid_std', 0) * 1000:.2f}" if kid is not None else "—"
-        pr = (f"{m['precision']:.3f}", f"{m['recall']:.3f}") if "precision" in m else ("—", "—")
-        lines.append(f"| {scale} | {m.get('fid', float('nan')):.2f} | {kid_s} | {pr[0]} | {pr[1]} |")
-    subsets = sorted({(m["kid_subsets"], m["kid_subset_size"]) for m in table.values() if m.get("kid_subsets")})
-    spread = (f" KID's ± is the standard deviation of its estimate over {subsets[0][0]} random subsets of "
-              f"{subsets[0][1]} images of each set (at most half of a set, so the subsets differ and ± shows how "
-              "much the number moves with the sample)." if len(subsets) == 1 else "")
-    lines += ["", "FID at a few hundred samples is biased upwards; KID is unbiased, so compare KID across runs."
-              + spread, "",
-              "## Stages: time and the command to rerun each", "", "| stage | seconds | command |", "|---|---|---|"]
-    for r in summary["stages"]:
-        lines.append(f"| {r['name']} | {r['seconds']:.1f} | `{r['command']}` |")
-    m = summary["machine"]
-    lines += ["", f"Machine: {m['processor']}, {m['cpu_count']} CPUs, {m['platform']}, torch {m['torch']}"
-              + (f", GPU {m['cuda']}" if m["cuda"] else ", no GPU") + ".", "",
-              "The resolved training config is in [config.yaml](config.yaml); all figures in "
-              "[metrics.json](metrics.json) and [timings.json](timings.json).", ""]
-    return "\n".join(lines)
 
 
 def main(argv=None) -> int:
     p = make_parser(__doc__.split("\n\n")[0])
     p.add_argument("--out", type=Path, default=Path("demo_output"), help="output folder (the report is in OUT/report)")
+    p.add_argument("--data", type=Path, default=None, metavar="FOLDER",
+                   help="your image folder (one class per subfolder, or flat = one class) instead of Fashion-MNIST")
+    p.add_argument("--held-out", default="0.1", metavar="X",
+                   help="--data: images held out of each class for FID/KID, a fraction (0 < X < 1) or a count")
     p.add_argument("--only", nargs="+", choices=STAGES, metavar="STAGE",
-                   help=f"run only these stages: {', '.join(STAGES)}")
+                   help=f"run only these stages: {', '.join(STAGES)} (split and floors: --data only)")
     p.add_argument("--train-minutes", type=non_negative_float, default=DemoSettings.train_minutes,
                    help="training time budget in minutes")
     p.add_argument("--extract-limit", type=positive_int, default=DemoSettings.extract_limit,
                    help="encode only the first N of the 60,000 training images")
-    p.add_argument("--fid-samples", type=positive_int, default=DemoSettings.fid_samples,
-                   help="generated images per guidance scale for FID/KID")
+    p.add_argument("--fid-samples", type=positive_int, default=None,
+                   help=f"generated images per guidance scale for FID/KID (default {DemoSettings.fid_samples}; "
+                        f"--data: {FOLDER_FID_SAMPLES}, and as many real images for each floor)")
     p.add_argument("--reference-samples", type=positive_int, default=DemoSettings.reference_samples,
-                   help="held-out test images for FID/KID")
-    p.add_argument("--cfg-scales", type=non_negative_float, nargs="+", default=list(DemoSettings.cfg_scales),
-                   help="guidance scales to evaluate")
-    p.add_argument("--grid-cfg-scale", type=non_negative_float, default=DemoSettings.grid_cfg_scale)
+                   help="Fashion-MNIST: held-out test images for FID/KID")
+    p.add_argument("--cfg-scales", type=non_negative_float, nargs="+", default=None,
+                   help=f"guidance scales to evaluate (default {' '.join(map(_fmt_scale, DemoSettings.cfg_scales))}; "
+                        "a flat folder: 1)")
+    p.add_argument("--grid-cfg-scale", type=non_negative_float, default=None,
+                   help=f"guidance scale of the grid (default {DemoSettings.grid_cfg_scale:g}; a flat folder: 1)")
+    p.add_argument("--detector", type=Path, default=None, metavar="PATH",
+                   help="the Inception TorchScript file, if not the installed one (passed to tools/fid.py)")
     p.add_argument("--sampler", choices=SAMPLERS, default=DemoSettings.sampler)
     p.add_argument("--num-steps", type=positive_int, default=DemoSettings.num_steps)
     p.add_argument("--seed", type=int, default=DemoSettings.seed)
     p.add_argument("train_overrides", nargs="*", metavar="section.field=value",
-                   help="extra overrides for configs/fashion_mnist.yaml, e.g. model.name=DiT-T/4")
+                   help="extra overrides for configs/fashion_mnist.yaml (--data: configs/clipart.yaml), "
+                        "e.g. model.name=DiT-T/4")
     args = parse_with_overrides(p, argv)  # overrides may stand before or after options
-    settings = DemoSettings(out=args.out, extract_limit=args.extract_limit, train_minutes=args.train_minutes,
-                            train_overrides=list(args.train_overrides), cfg_scales=tuple(args.cfg_scales),
-                            grid_cfg_scale=args.grid_cfg_scale, fid_samples=args.fid_samples,
-                            reference_samples=args.reference_samples, sampler=args.sampler,
-                            num_steps=args.num_steps, seed=args.seed)
+
+    flat = args.data is not None and demo_folder.is_flat(demo_folder.open_folder(args.data, DemoSettings.image_size))
+    default_scales, default_grid = ((1.0,), 1.0) if flat else (DemoSettings.cfg_scales, DemoSettings.grid_cfg_scale)
+    settings = DemoSettings(
+        out=args.out, extract_limit=args.extract_limit, train_minutes=args.train_minutes,
+        train_overrides=list(args.train_overrides),
+        cfg_scales=tuple(args.cfg_scales) if args.cfg_scales else default_scales,
+        grid_cfg_scale=default_grid if args.grid_cfg_scale is None else args.grid_cfg_scale,
+        fid_samples=args.fid_samples or (FOLDER_FID_SAMPLES if args.data else DemoSettings.fid_samples),
+        reference_samples=args.reference_samples, sampler=args.sampler, num_steps=args.num_steps, seed=args.seed,
+        data=args.data, held_out=parse_held_out(args.held_out), detector=args.detector)
     Demo(settings).run(args.only)
     return 0
 

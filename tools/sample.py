@@ -4,6 +4,8 @@
     python tools/sample.py --ckpt DiT-XL-2-256x256.pt --vae stabilityai/sd-vae-ft-ema --labels 207,360 \\
         --guided-channels 3 --sampler dpm-solver --num-steps 25
     python tools/sample.py --ckpt runs/flow/ema.safetensors --sampler heun --num-steps 20   # a flow model
+    python tools/sample.py --ckpt runs/demo --guide runs/demo/checkpoints/step-0002000 --guide-scale 2 \
+        --cfg-scale 1   # autoguidance by an earlier checkpoint of the run
 """
 
 from __future__ import annotations
@@ -14,8 +16,8 @@ from typing import Sequence
 from latentdit import sampling as S
 from latentdit.cli import (device_arg, existing_path, make_parser, non_negative_int, output_file, output_folder,
                            positive_int, run_main)
-from latentdit.cli.sampling import (PRECISIONS, add_label_table_arguments, add_sampler_arguments, parse_labels,
-                                    resolve_device, resolve_dtype, settings_from_args)
+from latentdit.cli.sampling import (PRECISIONS, add_label_table_arguments, add_sampler_arguments, load_guide,
+                                    parse_labels, resolve_device, resolve_dtype, settings_from_args)
 
 
 def build_parser():
@@ -58,7 +60,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                                    null_class=not args.no_null_class)
     labels = (parse_labels(args.labels, ckpt.num_classes, ckpt.class_names) if args.labels is not None
               else S.default_labels(ckpt.num_classes))
-    settings = settings.resolved(ckpt.process, ckpt.model.in_channels)
+    settings = settings.resolved(ckpt.process, ckpt.model.in_channels, guide=load_guide(args, ckpt, device))
     check_guidance_possible(ckpt.model, settings.cfg_scale)
     vae = load_vae_for(ckpt, args.vae, device=device)
 

@@ -22,8 +22,8 @@ import torch
 from latentdit import sample_store as store
 from latentdit import sampling as S
 from latentdit.cli import make_parser, non_negative_int, output_folder, positive_int, run_main
-from latentdit.cli.sampling import (PRECISIONS, add_label_table_arguments, add_sampler_arguments, resolve_dtype,
-                                    settings_from_args)
+from latentdit.cli.sampling import (PRECISIONS, add_label_table_arguments, add_sampler_arguments, load_guide,
+                                    resolve_dtype, settings_from_args)
 from latentdit.distributed import WAIT_FOR_PEERS_TIMEOUT
 from latentdit.errors import LatentDiTError
 
@@ -61,7 +61,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     sampling = settings_from_args(args)
     ckpt = load_model_for_sampling(args.ckpt, args.model, device=device, num_classes=args.num_classes,
                                    null_class=not args.no_null_class)
-    sampling = sampling.resolved(ckpt.process, ckpt.model.in_channels)
+    sampling = sampling.resolved(ckpt.process, ckpt.model.in_channels, guide=load_guide(args, ckpt, device))
     check_guidance_possible(ckpt.model, sampling.cfg_scale)  # before any output is written
     if args.batch_size > args.chunk_size:
         raise LatentDiTError(f"--batch-size ({args.batch_size}) must not exceed --chunk-size ({args.chunk_size})")
@@ -80,6 +80,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         "chunk_size": args.chunk_size,
         "precision": str(dtype).replace("torch.", "") if dtype else "fp32",
     }
+    if sampling.guide is not None:  # only then, so chunk folders written without autoguidance still match
+        guide_path = sampling.guide.path
+        settings.update(guide=str(guide_path.resolve()), guide_bytes=guide_path.stat().st_size,
+                        guide_scale=sampling.guide_scale,
+                        guide_interval=list(sampling.guide_interval) if sampling.guide_interval else None)
     if state.is_main_process:
         store.prepare_chunk_dir(chunk_dir, settings)
     state.wait_for_everyone()

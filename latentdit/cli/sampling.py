@@ -1,19 +1,24 @@
 """Command-line plumbing of the sampling tools: the sampler and label-table flags they share, and the
-parsing of labels, guidance interval, guided channels, device and precision."""
+parsing of labels, guidance interval, guided channels, device and precision, and the loading of an
+autoguidance guide model."""
 
 from __future__ import annotations
 
 import re
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 import numpy as np
 import torch
 
-from latentdit.cli import finite_float, non_negative_float, positive_int
+from latentdit.cli import existing_path, finite_float, non_negative_float, positive_int
 from latentdit.diffusion import PROCESS_TYPES
 from latentdit.diffusion.samplers import SAMPLERS as SAMPLER_SPECS
 from latentdit.errors import LatentDiTError
-from latentdit.sampling import DDIM_MAPS, DEFAULT_NUM_STEPS, SAMPLERS, SamplerSettings
+from latentdit.sampling import DDIM_MAPS, DEFAULT_NUM_STEPS, SAMPLERS, Guide, SamplerSettings
+from latentdit.sampling.autoguidance import check_guide_model
+
+if TYPE_CHECKING:
+    from latentdit.weights import SamplingCheckpoint
 
 PRECISIONS = ("auto", "fp32", "fp16", "bf16")
 
@@ -41,6 +46,14 @@ def add_sampler_arguments(parser, cfg_scale: float) -> None:
     parser.add_argument("--ddim-map", choices=DDIM_MAPS, default="ddim",
                         help="ddim: the timesteps visited: 'ddim' = DDIM's stride (0, s, 2s, …; the ADM/DiT "
                              "'ddimN' map), 'even' = the evenly rounded respacing of ddpm")
+    parser.add_argument("--guide", type=existing_path, default=None, metavar="PATH",
+                        help="autoguidance: weights of a weaker model of the same task (an earlier checkpoint of "
+                             "the run, or a smaller model trained the same way; any form --ckpt takes); sampled "
+                             "as guide + w·(main − guide), instead of classifier-free guidance (needs --cfg-scale 1)")
+    parser.add_argument("--guide-scale", type=non_negative_float, default=1.0, metavar="W",
+                        help="autoguidance weight w (with --guide; 1 = the main model alone)")
+    parser.add_argument("--guide-interval", default=None, metavar="LO,HI",
+                        help="autoguidance only at these times, inclusive (units as --guidance-interval)")
 
 
 def add_label_table_arguments(parser) -> None:
@@ -60,10 +73,24 @@ def settings_from_args(args) -> SamplerSettings:
     return SamplerSettings(sampler=args.sampler, num_steps=args.num_steps, cfg_scale=args.cfg_scale,
                            guidance_interval=parse_guidance_interval(args.guidance_interval),
                            guided_channels=parse_guided_channels(args.guided_channels),
-                           time_shift=args.time_shift, ddim_map=args.ddim_map)
+                           time_shift=args.time_shift, ddim_map=args.ddim_map, guide_scale=args.guide_scale,
+                           guide_interval=parse_guidance_interval(args.guide_interval, "--guide-interval"))
 
 
-def parse_guidance_interval(spec: str | None) -> tuple[float, float] | None:
+def load_guide(args, ckpt: SamplingCheckpoint, device: torch.device) -> Guide | None:
+    """The autoguidance guide model of ``--guide`` (None without it), loaded like ``--ckpt`` and checked
+    against the main model ``ckpt`` (latent shape and classes; its process when the settings resolve)."""
+    if args.guide is None:
+        return None
+    from latentdit.weights import load_model_for_sampling
+
+    loaded = load_model_for_sampling(args.guide, device=device)
+    guide = Guide(loaded.model, loaded.process, loaded.path)
+    check_guide_model(ckpt.model, guide)
+    return guide
+
+
+def parse_guidance_interval(spec: str | None, flag: str = "--guidance-interval") -> tuple[float, float] | None:
     """``"LO,HI"`` → (lo, hi) as numbers; their range is checked against the model's process when the
     settings are resolved (ddpm: timestep indices, flow: flow times in [0, 1])."""
     if spec is None:
@@ -74,8 +101,7 @@ def parse_guidance_interval(spec: str | None) -> tuple[float, float] | None:
             raise ValueError
         lo, hi = (float(p) for p in parts)
     except ValueError:
-        raise LatentDiTError(f"guidance interval (--guidance-interval) must be LO,HI (two numbers), "
-                             f"got {spec!r}") from None
+        raise LatentDiTError(f"guidance interval ({flag}) must be LO,HI (two numbers), got {spec!r}") from None
     return lo, hi
 
 

@@ -26,6 +26,8 @@ from latentdit.diffusion.samplers import (
     sample_ddpm,
     sample_dpm_solver,
     sample_euler,
+    sample_ab2,
+    sample_dpm_2m,
     sample_euler_maruyama,
     sample_heun,
 )
@@ -60,6 +62,8 @@ __all__ = [
     "sample_ddpm",
     "sample_dpm_solver",
     "sample_euler",
+    "sample_ab2",
+    "sample_dpm_2m",
     "sample_euler_maruyama",
     "sample_heun",
     "space_timesteps",

@@ -35,6 +35,9 @@ class Process(ABC):
     partial_guidance: bool
     #: what a guidance interval's bounds are, for messages
     interval_unit: str
+    #: the :meth:`metadata` keys that fix what the model's output means at a given input (two models
+    #: whose processes agree on them predict the same quantity, so one can guide the other)
+    output_keys: tuple[str, ...]
 
     # ------------------------------------------------------------------ persistence and model shape
 

@@ -98,10 +98,11 @@ class FlowProcess(Process):
     """
 
     name = "flow"
-    samplers = ("euler", "heun", "euler-maruyama")
+    samplers = ("euler", "heun", "ab2", "dpm-2m", "euler-maruyama")
     default_sampler = "heun"
     partial_guidance = False
     interval_unit = "two flow times in [0, 1]"
+    output_keys = ("prediction",)
 
     def __init__(self, prediction: str = "v", time_sampling: str = "uniform", logit_mean: float = 0.0,
                  logit_std: float = 1.0, time_shift: float = 1.0, loss_weighting: str = "none") -> None:

@@ -45,6 +45,7 @@ class DDPMProcess(Process):
     default_sampler = "ddpm"
     partial_guidance = True
     interval_unit = "two timestep indices"
+    output_keys = ("noise_schedule", "diffusion_steps")
 
     def __init__(self, noise_schedule: str = "linear", diffusion_steps: int = 1000) -> None:
         if noise_schedule not in SCHEDULES:

@@ -35,7 +35,7 @@ from __future__ import annotations
 
 import math
 from functools import partial
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -400,21 +400,32 @@ class DiT(nn.Module):
         return t, y.to(x.device)
 
     def forward(self, x: torch.Tensor, t: torch.Tensor | float, y: torch.Tensor,
-                force_drop_ids: torch.Tensor | None = None) -> torch.Tensor:
+                force_drop_ids: torch.Tensor | None = None,
+                return_blocks: Sequence[int] = ()) -> torch.Tensor | tuple[torch.Tensor, dict[int, torch.Tensor]]:
         """Predict ``[N, out_channels, H, W]`` from latents x, timesteps t and labels y.
 
         Label dropout happens in training mode (probability ``class_dropout_prob``), or exactly where
         ``force_drop_ids == 1`` when given (the trainer passes it for reproducible multi-process runs).
+        With ``return_blocks`` (0-based block indices) the result is ``(output, {i: tokens})``, the tokens
+        ``[N, T, hidden_size]`` being block i's output (what representation regularisers read).
         """
         t, y = self._check_inputs(x, t, y)
         if force_drop_ids is not None and not self.y_embedder.has_null:
             raise LatentDiTError("force_drop_ids given but this DiT has no null class row (class_dropout_prob is 0)")
+        wanted = frozenset(return_blocks)
+        if any(isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < len(self.blocks) for i in wanted):
+            raise LatentDiTError(f"DiT return_blocks must be block indices in [0, {len(self.blocks) - 1}], "
+                                 f"got {list(return_blocks)}")
         h = self.x_embedder(x)
         if self.pos_embed is not None:
             h = h + self.pos_embed
         rope = self.rope(x.device)
         c = self.t_embedder(t) + self.y_embedder(y, self.training, force_drop_ids)
         use_ckpt = self.grad_checkpointing and torch.is_grad_enabled()
-        for block in self.blocks:
+        blocks: dict[int, torch.Tensor] = {}
+        for i, block in enumerate(self.blocks):
             h = checkpoint(block, h, c, rope, use_reentrant=False) if use_ckpt else block(h, c, rope)
-        return self.unpatchify(self.final_layer(h, c))
+            if i in wanted:
+                blocks[i] = h
+        out = self.unpatchify(self.final_layer(h, c))
+        return (out, blocks) if wanted else out

@@ -2,9 +2,11 @@
 plumbing (:mod:`latentdit.cli.sampling`):
 
 - :mod:`~latentdit.sampling.settings`: :class:`SamplerSettings` as given, :class:`ResolvedSettings` checked
-  against the model's process (DDPM: ddpm, ddim, dpm-solver; flow: euler, heun, euler-maruyama);
+  against the model's process (DDPM: ddpm, ddim, dpm-solver; flow: euler, heun, ab2, dpm-2m, euler-maruyama);
 - :mod:`~latentdit.sampling.guidance`: the model function with classifier-free guidance (cond and uncond
   halves in one batched forward), optionally inside a guidance interval and on the first k channels;
+- :mod:`~latentdit.sampling.autoguidance`: guidance by a weaker model (:class:`Guide`) instead of the
+  unconditional branch;
 - :mod:`~latentdit.sampling.noise`: per-sample noise seeded by (seed, sample index);
 - :mod:`~latentdit.sampling.run`: :func:`sample_latents` (one batch), :func:`sample_seeded` (in batches);
 - :mod:`~latentdit.sampling.trajectory`: x_t and x̂0 recorded through the sampler's callback;
@@ -14,6 +16,7 @@ plumbing (:mod:`latentdit.cli.sampling`):
 Many-sample bookkeeping (chunk files, the ``.npz``) lives in :mod:`latentdit.sample_store`.
 """
 
+from latentdit.sampling.autoguidance import Guide
 from latentdit.sampling.guidance import make_model_fn
 from latentdit.sampling.images import decode_images, decode_to_uint8, images_to_uint8, save_individual_pngs
 from latentdit.sampling.labels import default_labels, label_text
@@ -25,6 +28,7 @@ from latentdit.sampling.trajectory import record_trajectory, save_denoising_traj
 __all__ = [
     "DDIM_MAPS",
     "DEFAULT_NUM_STEPS",
+    "Guide",
     "ResolvedSettings",
     "SAMPLERS",
     "SamplerSettings",

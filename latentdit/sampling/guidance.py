@@ -1,5 +1,6 @@
 """The model function the samplers call: the DiT with classifier-free guidance, optionally only inside
-a guidance interval and only on the first latent channels, under autocast on CUDA."""
+a guidance interval and only on the first latent channels, or with autoguidance by a weaker model
+(:mod:`latentdit.sampling.autoguidance`) inside its own interval, under autocast on CUDA."""
 
 from __future__ import annotations
 
@@ -9,7 +10,9 @@ from typing import Callable
 import torch
 
 from latentdit.diffusion import Process
+from latentdit.errors import LatentDiTError
 from latentdit.models.guidance import guided_forward
+from latentdit.sampling.autoguidance import autoguided_forward
 
 ModelFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -22,18 +25,26 @@ def _autocast(device: torch.device, dtype: torch.dtype | None):
 
 def make_model_fn(model: torch.nn.Module, y: torch.Tensor, *, cfg_scale: float,
                   guided_channels: int | None = None, guide_at: Callable[[torch.Tensor], bool] | None = None,
-                  dtype: torch.dtype | None = None) -> ModelFn:
+                  dtype: torch.dtype | None = None, guide_model: torch.nn.Module | None = None,
+                  guide_scale: float = 1.0, autoguide_at: Callable[[torch.Tensor], bool] | None = None) -> ModelFn:
     """``model_fn(x, t_model)`` for the samplers: guided where ``guide_at(t_model)`` holds (everywhere
-    when None), plain conditional elsewhere. cfg_scale 1 never runs the unconditional half. Output in
-    float32."""
+    when None), plain conditional elsewhere. cfg_scale 1 never runs the unconditional half. With a
+    ``guide_model`` and ``guide_scale`` other than 1: autoguided where ``autoguide_at(t_model)`` holds
+    (everywhere when None) instead (the two guidances are exclusive). Output in float32."""
+    if guide_model is not None and guide_scale != 1.0 and cfg_scale != 1.0:
+        raise LatentDiTError("autoguidance replaces classifier-free guidance: use cfg scale 1 with a guide model")
 
     def model_fn(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         t = t.to(x.device).reshape(-1)
         if t.numel() == 1:
             t = t.expand(x.shape[0])
         guide = cfg_scale != 1.0 and (guide_at is None or guide_at(t))
+        autoguide = (guide_model is not None and guide_scale != 1.0
+                     and (autoguide_at is None or autoguide_at(t)))
         with _autocast(x.device, dtype):
-            if guide:
+            if autoguide:
+                out = autoguided_forward(model, guide_model, x, t, y, guide_scale)
+            elif guide:
                 out = guided_forward(model, x, t, y, cfg_scale, guided_channels=guided_channels)
             else:
                 out = model(x, t, y)

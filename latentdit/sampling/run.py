@@ -13,6 +13,7 @@ from latentdit.diffusion.samplers import SAMPLERS as SAMPLER_SPECS
 from latentdit.diffusion.samplers import Callback, GeneratorNoise, NoiseSource
 from latentdit.errors import LatentDiTError
 from latentdit.models.guidance import check_guidance_possible
+from latentdit.sampling.autoguidance import check_guide_model
 from latentdit.sampling.guidance import guidance_test, make_model_fn
 from latentdit.sampling.noise import per_sample_noise
 from latentdit.sampling.settings import ResolvedSettings, SamplerSettings
@@ -57,6 +58,9 @@ def sample_latents(model: torch.nn.Module, labels: Sequence[int] | torch.Tensor,
     if int(y.min()) < 0 or int(y.max()) >= model.num_classes:
         raise LatentDiTError(f"labels must be class ids in 0..{model.num_classes - 1}, got {y.tolist()}")
     check_guidance_possible(model, settings.cfg_scale)
+    guide = settings.guide
+    if guide is not None:
+        check_guide_model(model, guide)
     y = y.to(device)
     shape = (y.numel(), in_ch, int(model.input_size), int(model.input_size))
     if not isinstance(noise, NoiseSource):
@@ -68,15 +72,21 @@ def sample_latents(model: torch.nn.Module, labels: Sequence[int] | torch.Tensor,
     x_T = x_T.to(device=device, dtype=torch.float32)
 
     grid = settings.grid(bool(model.learn_sigma))
-    was_training = model.training
-    model.eval()
+    models = [model] if guide is None else [model, guide.model]
+    was_training = [m.training for m in models]
+    for m in models:
+        m.eval()
     model_fn = make_model_fn(model, y, cfg_scale=settings.cfg_scale, guided_channels=settings.guided_channels,
-                             guide_at=guidance_test(process, settings.guidance_interval), dtype=dtype)
+                             guide_at=guidance_test(process, settings.guidance_interval), dtype=dtype,
+                             guide_model=guide.model if guide is not None else None,
+                             guide_scale=settings.guide_scale,
+                             autoguide_at=guidance_test(process, settings.guide_interval))
     try:
         out = SAMPLER_SPECS[settings.sampler].fn(model_fn, x_T, grid, noise=noise, callback=callback,
                                                  progress=progress)
     finally:
-        model.train(was_training)
+        for m, mode in zip(models, was_training):
+            m.train(mode)
     return out.float()
 
 

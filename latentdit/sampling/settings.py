@@ -1,5 +1,6 @@
 """Sampler settings: :class:`SamplerSettings` as a user gives them, :class:`ResolvedSettings` once
-checked against the model's process and latent channels, with every default filled in."""
+checked against the model's process and latent channels (and a guide model, for autoguidance), with
+every default filled in."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from latentdit.diffusion import PROCESS_TYPES, Process
 from latentdit.diffusion.samplers import SAMPLERS as SAMPLER_SPECS
 from latentdit.errors import LatentDiTError
 from latentdit.models.guidance import check_cfg_scale
+from latentdit.sampling.autoguidance import Guide, check_guide_process
 
 SAMPLERS = tuple(SAMPLER_SPECS)
 DEFAULT_NUM_STEPS = {name: spec.default_steps for name, spec in SAMPLER_SPECS.items()}
@@ -32,6 +34,10 @@ class SamplerSettings:
     None → the shift the model was trained with. ``ddim_map``: ``"ddim"`` (DDIM's strided timesteps
     0, s, 2s, …, as the ADM / DiT code samples with ``ddimN``) or ``"even"`` (the evenly rounded
     respacing DDPM uses).
+    ``guide_scale``: autoguidance weight w (``guide + w · (main − guide)``, see
+    :mod:`latentdit.sampling.autoguidance`); needs a guide model at :meth:`resolved`, and a cfg scale
+    of 1 (autoguidance replaces classifier-free guidance). ``guide_interval``: (LO, HI) as
+    ``guidance_interval``, where the guide applies; None → every step.
     """
 
     sampler: str | None = None
@@ -41,10 +47,12 @@ class SamplerSettings:
     guided_channels: int | None = None
     time_shift: float | None = None
     ddim_map: str = "ddim"
+    guide_scale: float = 1.0
+    guide_interval: Sequence[float] | None = None
 
-    def resolved(self, process: Process, in_channels: int) -> "ResolvedSettings":
+    def resolved(self, process: Process, in_channels: int, guide: Guide | None = None) -> "ResolvedSettings":
         """The settings with defaults filled in for ``process`` and a model of ``in_channels`` latent
-        channels, after validating every field."""
+        channels, after validating every field; ``guide``: the weaker model for autoguidance."""
         sampler = self.sampler if self.sampler is not None else process.default_sampler
         if sampler not in SAMPLER_SPECS:
             raise LatentDiTError(f"unknown sampler {sampler!r} (--sampler); choose one of {', '.join(SAMPLERS)}")
@@ -64,9 +72,33 @@ class SamplerSettings:
         time_shift = process.sampling_time_shift(self.time_shift)
         if self.ddim_map not in DDIM_MAPS:
             raise LatentDiTError(f"ddim_map (--ddim-map) must be one of {', '.join(DDIM_MAPS)}, got {self.ddim_map!r}")
+        guide_scale, guide_interval = self._autoguidance(process, guide, cfg_scale)
         return ResolvedSettings(process=process, sampler=sampler, num_steps=steps, cfg_scale=cfg_scale,
                                 guidance_interval=interval, guided_channels=guided, time_shift=time_shift,
-                                ddim_map=self.ddim_map)
+                                ddim_map=self.ddim_map, guide=guide, guide_scale=guide_scale,
+                                guide_interval=guide_interval)
+
+    def _autoguidance(self, process: Process, guide: Guide | None,
+                      cfg_scale: float) -> tuple[float, tuple[float, float] | None]:
+        try:
+            scale = float(self.guide_scale)
+        except (TypeError, ValueError):
+            scale = math.nan
+        if isinstance(self.guide_scale, bool) or not math.isfinite(scale) or scale < 0:
+            raise LatentDiTError(f"guide scale (--guide-scale) must be a finite number >= 0, got {self.guide_scale!r}")
+        if guide is None:
+            if scale != 1.0 or self.guide_interval is not None:
+                flag = "--guide-scale" if scale != 1.0 else "--guide-interval"
+                raise LatentDiTError(f"{flag} applies to autoguidance only: give the guide model's weights (--guide)")
+            return scale, None
+        if scale == 1.0:
+            raise LatentDiTError("a guide model (--guide) has no effect at guide scale 1: give --guide-scale w "
+                                 "(e.g. 2; the output is guide + w · (main − guide))")
+        if cfg_scale != 1.0:
+            raise LatentDiTError(f"autoguidance (--guide) replaces classifier-free guidance, so the cfg scale must "
+                                 f"be 1 with a guide model, got --cfg-scale {cfg_scale:g}; add --cfg-scale 1")
+        check_guide_process(guide, process)
+        return scale, _guidance_interval(self.guide_interval, process, "--guide-interval")
 
 
 @dataclass(frozen=True)
@@ -83,9 +115,14 @@ class ResolvedSettings:
     guided_channels: int | None
     time_shift: float | None
     ddim_map: str
+    guide: Guide | None = None
+    guide_scale: float = 1.0
+    guide_interval: tuple[float, float] | None = None
 
     def describe(self) -> str:
-        """A short label, e.g. ``heun-20, cfg 4``."""
+        """A short label, e.g. ``heun-20, cfg 4`` or ``heun-20, autoguidance 2``."""
+        if self.guide is not None:
+            return f"{self.sampler}-{self.num_steps}, autoguidance {self.guide_scale:g}"
         return f"{self.sampler}-{self.num_steps}, cfg {self.cfg_scale:g}"
 
     def grid(self, learn_sigma: bool) -> Any:
@@ -94,19 +131,25 @@ class ResolvedSettings:
                                           ddim_map=self.ddim_map)
 
 
-def _guidance_interval(value: Any, process: Process) -> tuple[float, float] | None:
+def _guidance_interval(value: Any, process: Process, flag: str = "") -> tuple[float, float] | None:
     if value is None:
         return None
     unit = process.interval_unit
+    what = f"guidance interval ({flag})" if flag else "guidance interval"
     if isinstance(value, str) or not isinstance(value, Sequence) or len(value) != 2:
-        raise LatentDiTError(f"guidance interval must be LO,HI ({unit}), got {value!r}")
+        raise LatentDiTError(f"{what} must be LO,HI ({unit}), got {value!r}")
     try:
         lo, hi = (float(v) for v in value)
     except (TypeError, ValueError):
-        raise LatentDiTError(f"guidance interval must be LO,HI ({unit}), got {value!r}") from None
+        raise LatentDiTError(f"{what} must be LO,HI ({unit}), got {value!r}") from None
     if not (math.isfinite(lo) and math.isfinite(hi)):
-        raise LatentDiTError(f"guidance interval must be LO,HI ({unit}), got {value!r}")
-    return process.check_guidance_interval(lo, hi)
+        raise LatentDiTError(f"{what} must be LO,HI ({unit}), got {value!r}")
+    try:
+        return process.check_guidance_interval(lo, hi)
+    except LatentDiTError as e:
+        if not flag:
+            raise
+        raise LatentDiTError(f"{flag}: {e}") from None
 
 
 def _guided_channels(value: Any, in_channels: int) -> int | None:

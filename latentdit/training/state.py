@@ -35,6 +35,7 @@ from latentdit.training.checkpoint import (
 )
 from latentdit.training.data import BatchLayout, EpochIndexed, StepBatchSampler
 from latentdit.training.ema import EMA, decay_rule
+from latentdit.training.regularizers import build_regularizers
 from latentdit.weights import save_weights
 
 CONFIG_FILE = "config.yaml"
@@ -65,6 +66,7 @@ class TrainState:
     resumed_from: Path | None
     step: int
     first_bad_step: torch.Tensor     # -1, or the first step whose loss was not finite (kept on the device)
+    regularizers: tuple = ()         # latentdit.training.regularizers: added to the diffusion loss
 
     @property
     def is_main(self) -> bool:
@@ -246,6 +248,7 @@ def setup(cfg: Config, resume: str | None = None) -> TrainState:
     torch.manual_seed(t_cfg.seed)  # same initial weights on every process
     model = build_model(cfg, dataset)
     model_config = model.config
+    regularizers = tuple(build_regularizers(t_cfg, len(model.blocks)))
     run_dir = cfg.resolved_run_dir()
     ckpts = CheckpointManager(run_dir, t_cfg.keep_last, t_cfg.milestone_every)
     ckpt = resolve_resume(resume, run_dir)
@@ -306,8 +309,9 @@ def setup(cfg: Config, resume: str | None = None) -> TrainState:
         cfg=cfg, accelerator=accelerator, run_dir=run_dir, dataset=dataset, layout=layout,
         steps_per_epoch=steps_per_epoch, process=process, model=model, raw_model=raw_model,
         forward_model=torch.compile(model) if t_cfg.compile else model, model_config=model_config,
-        optimizer=optimizer, scheduler=scheduler, budget=budget, ema=ema, loader=loader, ckpts=ckpts, resumed_from=ckpt,
-        step=start_step, first_bad_step=torch.full((), -1, dtype=torch.long, device=device))
+        optimizer=optimizer, scheduler=scheduler, budget=budget, ema=ema, loader=loader, ckpts=ckpts,
+        resumed_from=ckpt, step=start_step, first_bad_step=torch.full((), -1, dtype=torch.long, device=device),
+        regularizers=regularizers)
 
 
 # ------------------------------------------------------------------------------------------------

@@ -3,14 +3,16 @@
 One call to :func:`train` runs (or resumes) a run directory::
 
     <run_dir>/config.yaml          resolved config
-    <run_dir>/metrics.jsonl        one JSON line per logged step (loss averaged over all processes)
+    <run_dir>/metrics.jsonl        one JSON line per logged step (loss averaged over all processes, and
+                                   each regulariser's unweighted value under its name, e.g. layersync)
     <run_dir>/tensorboard/         the same scalars through accelerate's TensorBoard tracker
     <run_dir>/samples/step-*.png   EMA sample grids with guidance, decoded through the run's VAE
     <run_dir>/checkpoints/step-*/  see :mod:`latentdit.training.checkpoint`
 
 The parts live next door: :mod:`~latentdit.training.state` builds the run (:class:`TrainState`) and
 writes its checkpoints; :mod:`latentdit.engine` logs it and keeps its time budget. The loss comes from
-the run's process object (``diffusion.process``: ddpm or flow), so nothing here knows which one it trains.
+the run's process object (``diffusion.process``: ddpm or flow), so nothing here knows which one it trains;
+the representation regularisers of :mod:`latentdit.training.regularizers` are added to it.
 Data order and per-step randomness follow :mod:`latentdit.training.data`, so the losses do not
 depend on the number of processes and a resumed run repeats an uninterrupted one step for step.
 """
@@ -21,7 +23,7 @@ import contextlib
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator, NamedTuple
+from typing import Any, Callable, Iterator, NamedTuple, Sequence
 
 import torch
 
@@ -29,10 +31,12 @@ from latentdit.config import Config
 from latentdit.engine.runlog import RunLog
 from latentdit.training import sharding
 from latentdit.training.data import StepRandomness
+from latentdit.training.regularizers import Dispersive, LayerSync
 from latentdit.training.samples import SampleGrid
 from latentdit.training.state import TrainState, check_finite, follows_budget, note_loss, save_checkpoint, setup
 
 LossHook = Callable[[int, torch.Tensor], torch.Tensor]
+Regularizer = LayerSync | Dispersive
 
 
 @dataclass
@@ -44,21 +48,39 @@ class TrainResult:
 
 
 class StepResult(NamedTuple):
-    loss: torch.Tensor            # mean loss of the global batch on this process (on the device)
+    loss: torch.Tensor            # mean diffusion loss of the global batch on this process (on the device)
     lr: float                     # the learning rate the step used
     grad_norm: torch.Tensor | None  # measured when clipping or logging (on the device)
+    terms: dict[str, torch.Tensor] = {}  # the regularisers' mean (unweighted) values, by name
 
 
-def micro_batch_loss(process, forward_model: torch.nn.Module, x0: torch.Tensor, y: torch.Tensor,
-                     rand: StepRandomness, label_dropout: bool) -> torch.Tensor:
-    """Mean training loss of one micro-batch with the given times, noise and label-drop mask."""
+def micro_batch_terms(process, forward_model: torch.nn.Module, x0: torch.Tensor, y: torch.Tensor,
+                      rand: StepRandomness, label_dropout: bool,
+                      regularizers: Sequence[Regularizer] = ()) -> dict[str, torch.Tensor]:
+    """The mean diffusion loss of one micro-batch (key ``"loss"``) with the given times, noise and
+    label-drop mask, and each regulariser's value (unweighted, under its name) on the block tokens of
+    the same forward pass."""
     device = x0.device
     kwargs: dict[str, Any] = {"y": y}
     if label_dropout:
         kwargs["force_drop_ids"] = rand.drop.to(device, non_blocking=True)
-    losses = process.training_losses(forward_model, x0, rand.t.to(device, non_blocking=True),
+    blocks: dict[int, torch.Tensor] = {}
+    wanted = tuple(sorted({i for r in regularizers for i in r.blocks}))
+
+    def capturing_model(x_t: torch.Tensor, t: torch.Tensor, **kw: Any) -> torch.Tensor:
+        out, tokens = forward_model(x_t, t, return_blocks=wanted, **kw)
+        blocks.update(tokens)
+        return out
+
+    losses = process.training_losses(capturing_model if regularizers else forward_model, x0, rand.t.to(device, non_blocking=True),
                                      noise=rand.noise.to(device, non_blocking=True), model_kwargs=kwargs)
-    return losses["loss"].mean()
+    return {"loss": losses["loss"].mean(), **{r.name: r(blocks) for r in regularizers}}
+
+
+def micro_batch_loss(process, forward_model: torch.nn.Module, x0: torch.Tensor, y: torch.Tensor,
+                     rand: StepRandomness, label_dropout: bool) -> torch.Tensor:
+    """Mean diffusion loss of one micro-batch with the given times, noise and label-drop mask."""
+    return micro_batch_terms(process, forward_model, x0, y, rand, label_dropout)["loss"]
 
 
 def train_step(state: TrainState, batches: Iterator, loss_hook: LossHook | None = None,
@@ -68,6 +90,8 @@ def train_step(state: TrainState, batches: Iterator, loss_hook: LossHook | None 
     rand = StepRandomness.draw(t.seed, state.step, t.global_batch_size, tuple(state.dataset.latent_shape),
                                state.process, state.cfg.model.class_dropout_prob)
     step_loss = torch.zeros((), device=state.device)
+    step_terms = {r.name: torch.zeros((), device=state.device) for r in state.regularizers}
+    objective = torch.zeros((), device=state.device)  # diffusion + weighted regularisers, for the NaN guard
     for a in range(t.grad_accum):
         x0, y = next(batches)
         x0, y = x0.to(state.device, non_blocking=True), y.to(state.device, non_blocking=True)
@@ -75,12 +99,19 @@ def train_step(state: TrainState, batches: Iterator, loss_hook: LossHook | None 
         if state.sharded:
             model.set_requires_gradient_sync(sync)
         with contextlib.nullcontext() if sync or state.sharded else acc.no_sync(model):
-            loss = micro_batch_loss(state.process, state.forward_model, x0, y, rand.slice(state.layout.rows(a)),
-                                    state.label_dropout)
+            terms = micro_batch_terms(state.process, state.forward_model, x0, y,
+                                      rand.slice(state.layout.rows(a)), state.label_dropout, state.regularizers)
+            loss = terms["loss"]
             if loss_hook is not None:
                 loss = loss_hook(state.step + 1, loss)
-            acc.backward(loss / t.grad_accum)
+            total = loss
+            for r in state.regularizers:
+                total = total + r.weight * terms[r.name]
+            acc.backward(total / t.grad_accum)
         step_loss += loss.detach() / t.grad_accum
+        for r in state.regularizers:
+            step_terms[r.name] += terms[r.name].detach() / t.grad_accum
+        objective += total.detach() / t.grad_accum
     state.step += 1
     grad_norm = None
     if t.grad_clip > 0 or measure_grad_norm:  # max_norm=inf only measures (scales by exactly 1)
@@ -92,8 +123,8 @@ def train_step(state: TrainState, batches: Iterator, loss_hook: LossHook | None 
         state.scheduler.step()
     state.optimizer.zero_grad(set_to_none=True)
     state.ema.update(state.raw_model, state.ema.decay_at(state.step))
-    note_loss(state, step_loss)
-    return StepResult(step_loss, lr, grad_norm)
+    note_loss(state, objective if state.regularizers else step_loss)
+    return StepResult(step_loss, lr, grad_norm, step_terms)
 
 
 def write_sample_grid(state: TrainState, grid: SampleGrid, log: RunLog) -> None:
@@ -127,7 +158,7 @@ def train(cfg: Config, resume: str | None = None, *, loss_hook: LossHook | None 
         while state.step < t.max_steps:
             log_now = (state.step + 1) % t.log_every == 0 or state.step + 1 == t.max_steps
             out = train_step(state, batches, loss_hook, measure_grad_norm=log_now)
-            log.add(state.step, {"loss": out.loss})
+            log.add(state.step, {"loss": out.loss, **out.terms})
             if state.device.type == "cpu" or log_now:  # a host sync: every step on CPU only
                 check_finite(state)
             if log_now:

@@ -92,6 +92,10 @@ def render_model_card(facts: dict[str, Any]) -> str:
         f"{facts['psnr_check_db']:.2f} dB on the first {facts['psnr_check_images']} of them (the figure the test "
         "suite re-checks).",
     ]
+    if "delta_e2000" in facts:
+        lines.append(f"- Colour: mean CIEDE2000 ΔE **{facts['delta_e2000']:.2f}** on the same held-out images "
+                     "(per image the mean over its pixels in 8-bit sRGB; about 1 is the smallest difference most "
+                     "people notice side by side, 2–10 is visible at a glance).")
     if "tests_sample_psnr_db" in facts:
         lines.append(f"- {facts['tests_sample_psnr_db']:.2f} dB on the {facts['tests_sample_images']} held-out images "
                      f"shipped in `{facts['tests_sample_path']}` (the figure the test suite re-checks without the "

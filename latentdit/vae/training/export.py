@@ -18,7 +18,8 @@ import torch
 from latentdit.errors import LatentDiTError
 from latentdit.io import sha256_file
 from latentdit.seeding import seed_for
-from latentdit.vae.autoencoder import VAE, reconstruction_psnrs
+from latentdit.colour import reconstruction_delta_e
+from latentdit.vae.autoencoder import VAE, psnr
 from latentdit.vae.config import VAEConfig
 from latentdit.vae.training.card import write_model_card
 from latentdit.vae.training.data import ImageSplits, to_model_range
@@ -53,7 +54,11 @@ def export(cfg: VAEConfig, model, splits: ImageSplits, vae_dir: Path, *, done: i
     model.save_pretrained(str(vae_dir), safe_serialization=True)
     vae = VAE.load(vae_dir)
     held_out = to_model_range(splits.val[:cfg.train.eval_images])
-    per_image = reconstruction_psnrs(vae, held_out)
+    reconstructions = vae.reconstruct(held_out)
+    per_image = psnr(reconstructions, held_out)
+    if not bool(torch.isfinite(per_image).all()):
+        raise LatentDiTError("reconstruction PSNR is not finite; the VAE produced NaN/inf")
+    delta_e = reconstruction_delta_e(held_out, reconstructions) if held_out.shape[1] == 3 else None
     n_check = min(cfg.train.eval_check_images, held_out.shape[0])
     weights = vae_dir / "diffusion_pytorch_model.safetensors"
     facts = {
@@ -62,6 +67,7 @@ def export(cfg: VAEConfig, model, splits: ImageSplits, vae_dir: Path, *, done: i
         "psnr_db": round(float(per_image.mean()), 3), "psnr_images": int(held_out.shape[0]),
         "psnr_check_db": round(float(per_image[:n_check].mean()), 3), "psnr_check_images": n_check,
         "psnr_subset": "the first N held-out images",
+        **({"delta_e2000": round(float(delta_e.mean()), 3)} if delta_e is not None else {}),
         "held_out_names": splits.val_names[:held_out.shape[0]],
         "scaling_factor": vae.scaling_factor, **stats,
         "steps_done": done, "stopped_early": stopped_early,
@@ -78,6 +84,7 @@ def export(cfg: VAEConfig, model, splits: ImageSplits, vae_dir: Path, *, done: i
     }
     write_model_card(vae_dir, facts)
     log(f"saved {vae_dir}: scaling_factor {vae.scaling_factor:.6f}, PSNR {facts['psnr_db']:.2f} dB on "
-        f"{facts['psnr_images']} held-out images ({facts['psnr_check_db']:.2f} dB on the first {n_check}), "
+        f"{facts['psnr_images']} held-out images ({facts['psnr_check_db']:.2f} dB on the first {n_check}"
+        + (f"; mean ΔE2000 {facts['delta_e2000']:.2f}" if "delta_e2000" in facts else "") + "), "
         f"{weights.stat().st_size / 1e6:.2f} MB, {elapsed['train_wall_s'] / 60:.1f} min training")
     return facts

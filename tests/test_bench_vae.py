@@ -1,0 +1,35 @@
+"""benchmarks/bench_vae.py's colour figures: the worst-ΔE grid (originals above their reconstructions)."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from latentdit.colour import reconstruction_delta_e
+
+BENCH = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_vae.py"
+
+
+def _load():
+    spec = importlib.util.spec_from_file_location("bench_vae", BENCH)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_worst_delta_e_grid_puts_the_largest_colour_errors_first(tmp_path):
+    bench = _load()
+    g = torch.Generator().manual_seed(0)
+    originals = torch.rand(6, 3, 16, 16, generator=g) * 2 - 1
+    shift = torch.tensor([0.0, 0.6, 0.1, 0.9, 0.3, 0.0]).view(6, 1, 1, 1)
+    recon = (originals + shift * torch.tensor([1.0, -1.0, 0.0]).view(1, 3, 1, 1)).clamp(-1, 1)
+    delta_e = reconstruction_delta_e(originals, recon)
+    assert delta_e[0] == delta_e[5] == 0 and np.argsort(-delta_e)[:2].tolist() == [3, 1]
+    path = bench.save_worst_delta_e_grid(originals, recon, delta_e, tmp_path / "grid" / "worst.png", count=3)
+    grid = Image.open(path)
+    # three columns of 16-pixel images (with padding and labels), two rows: originals, reconstructions
+    assert grid.size[0] >= 3 * 16 and grid.size[1] >= 2 * 16
