@@ -73,8 +73,8 @@ def test_folders_end_to_end_with_save_stats_and_cache(tmp_path, capsys, monkeypa
                          "--cache-dir", str(cache), "--quiet", "--json", str(tmp_path / "r2.json")], capsys)
     assert code == 0 and fake.calls == 16
     r2 = json.loads((tmp_path / "r2.json").read_text())
-    assert r2["fid"] == pytest.approx(r["fid"], rel=1e-9)
-    assert r2["kid_mean"] == pytest.approx(r["kid_mean"], rel=1e-9)
+    assert r2["fid"] == pytest.approx(r["fid"], rel=1e-7)
+    assert r2["kid_mean"] == pytest.approx(r["kid_mean"], rel=1e-7, abs=1e-12)
 
 
 def test_save_stats_alone(tmp_path, capsys, monkeypatch):
@@ -114,7 +114,7 @@ def test_rgba_folder_scores_like_the_same_images_on_white(tmp_path, capsys, monk
     code, _, _ = _run([str(rgba), str(white), "--no-cache", "--quiet", "--no-pr", "--kid-subsets", "3",
                        "--json", str(tmp_path / "same.json")], capsys)
     assert code == 0
-    assert json.loads((tmp_path / "same.json").read_text())["fid"] == pytest.approx(0.0, abs=1e-9)
+    assert json.loads((tmp_path / "same.json").read_text())["fid"] == pytest.approx(0.0, abs=1e-6)
     code, _, _ = _run([str(rgba), str(dropped), "--no-cache", "--quiet", "--no-kid", "--no-pr",
                        "--json", str(tmp_path / "dropped.json")], capsys)
     assert code == 0 and json.loads((tmp_path / "dropped.json").read_text())["fid"] > 1e-3

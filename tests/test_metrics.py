@@ -45,11 +45,11 @@ def test_fid_of_diagonal_gaussians_matches_closed_form():
     m1, m2 = rng.standard_normal(8), rng.standard_normal(8)
     v1, v2 = rng.uniform(0.1, 4, 8), rng.uniform(0.1, 4, 8)
     expected = np.sum((m1 - m2) ** 2) + np.sum(v1 + v2 - 2 * np.sqrt(v1 * v2))
-    assert frechet_distance(m1, np.diag(v1), m2, np.diag(v2)) == pytest.approx(expected, rel=1e-10)
+    assert frechet_distance(m1, np.diag(v1), m2, np.diag(v2)) == pytest.approx(expected, rel=1e-7)
     # A common rotation of both Gaussians leaves the distance unchanged (now the covariances are full).
     q, _ = np.linalg.qr(rng.standard_normal((8, 8)))
     rotated = frechet_distance(q @ m1, q @ np.diag(v1) @ q.T, q @ m2, q @ np.diag(v2) @ q.T)
-    assert rotated == pytest.approx(expected, rel=1e-8)
+    assert rotated == pytest.approx(expected, rel=1e-7)
 
 
 def test_fid_with_singular_covariances_is_finite_and_correct():
@@ -93,14 +93,14 @@ def test_fid_retries_with_eps_when_sqrtm_is_not_finite(monkeypatch):
     assert len(seen) == 2
     np.testing.assert_allclose(seen[1], np.diag((v1 + 1e-6) * (v2 + 1e-6)))
     expected = np.sum(v1 + v2 - 2 * np.sqrt((v1 + 1e-6) * (v2 + 1e-6))) + 0.0
-    assert value == pytest.approx(expected, abs=1e-9)
+    assert value == pytest.approx(expected, rel=1e-7, abs=1e-7)
 
 
 def test_fid_imaginary_part_dropped_when_negligible_else_error(monkeypatch):
     real_sqrtm = scipy.linalg.sqrtm
     v = np.array([1.0, 3.0])
     monkeypatch.setattr(scores.scipy.linalg, "sqrtm", lambda a: real_sqrtm(a) + 1e-7j * np.eye(2))
-    assert frechet_distance(np.zeros(2), np.diag(v), np.zeros(2), np.diag(v)) == pytest.approx(0.0, abs=1e-9)
+    assert frechet_distance(np.zeros(2), np.diag(v), np.zeros(2), np.diag(v)) == pytest.approx(0.0, abs=1e-6)
     monkeypatch.setattr(scores.scipy.linalg, "sqrtm", lambda a: real_sqrtm(a) + 0.05j * np.eye(2))
     with pytest.raises(LatentDiTError, match="imaginary component of 0.05"):
         frechet_distance(np.zeros(2), np.diag(v), np.zeros(2), np.diag(v))
@@ -151,8 +151,8 @@ def test_kid_equals_unbiased_mmd2_of_the_polynomial_kernel():
     for _ in range(3):
         ia, ib = draws.choice(6, 3, replace=False), draws.choice(6, 3, replace=False)
         values.append(_brute_force_mmd2(x[ia], y[ib]))
-    assert result.mean == pytest.approx(np.mean(values), rel=1e-10)
-    assert result.std == pytest.approx(np.std(values), rel=1e-10) and result.std > 0
+    assert result.mean == pytest.approx(np.mean(values), rel=1e-7, abs=1e-12)
+    assert result.std == pytest.approx(np.std(values), rel=1e-7, abs=1e-12) and result.std > 0
 
 
 def test_kid_mean_over_subsets_estimates_the_whole_set_value():
@@ -161,7 +161,7 @@ def test_kid_mean_over_subsets_estimates_the_whole_set_value():
     # every pair of rows is equally likely to be drawn: the subsets' mean converges on the full-set estimate
     result = kid(x, y, num_subsets=20000, subset_size=6, seed=1)
     assert result.mean == pytest.approx(_brute_force_mmd2(x, y), rel=0.02)
-    assert _brute_force_mmd2_fast(x, y) == pytest.approx(_brute_force_mmd2(x, y), rel=1e-10)
+    assert _brute_force_mmd2_fast(x, y) == pytest.approx(_brute_force_mmd2(x, y), rel=1e-7, abs=1e-12)
 
 
 def test_kid_is_unbiased_and_separates_distributions():
@@ -299,7 +299,7 @@ def test_adm_reference_batch_uses_its_mu_sigma_and_its_images_for_kid(tmp_path, 
     r = compute_metrics(tmp_path / "ref.npz", tmp_path / "ref.npz",
                         MetricSettings(kid=True, pr=True, kid_subsets=4, cache_dir=None, progress=False))
     assert fake.calls == 24  # features from arr_0, computed for each side (no cache)
-    assert r["fid"] == pytest.approx(0.0, abs=1e-9)
+    assert r["fid"] == pytest.approx(0.0, abs=1e-6)
     assert r["precision"] == r["recall"] == 1.0
     assert r["kid_mean"] is not None and r["notes"] == []
 
@@ -310,7 +310,7 @@ def test_stats_only_side_reports_fid_only_with_a_note(tmp_path, monkeypatch):
     stats = load_source(folder, NO_CACHE)
     save_stats(stats, tmp_path / "stats.npz")
     r = compute_metrics(folder, tmp_path / "stats.npz", MetricSettings(cache_dir=None, progress=False))
-    assert r["fid"] == pytest.approx(0.0, abs=1e-9)
+    assert r["fid"] == pytest.approx(0.0, abs=1e-6)
     assert r["kid_mean"] is None and r["precision"] is None
     assert "KID and precision/recall need features of both sets" in r["notes"][0]
     assert f"B ({tmp_path / 'stats.npz'}) has statistics (mu, sigma) only" in r["notes"][0]
