@@ -21,7 +21,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from latentdit.data.latent_norm import LATENT_NORMS
     from latentdit.data.latents import STORAGE_DTYPES
     from latentdit.extraction import ExtractionSettings, extract_latents
-    from latentdit.vae import BUNDLED_CLIPART_VAE, BUNDLED_VAE
+    from latentdit.vae import BUNDLED_RGB_VAE, BUNDLED_VAE
 
     p = make_parser(__doc__.strip().splitlines()[0])
     p.add_argument("--data", default="fashion-mnist",
@@ -30,7 +30,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                    "train/ val/ subfolders is entered at this split)")
     p.add_argument("--image-size", type=positive_int, default=64, help="images are center-cropped to this size")
     p.add_argument("--vae", default=None, help="bundled VAE name, a save_pretrained folder or a hub id (default: "
-                   f"{BUNDLED_VAE} for fashion-mnist, {BUNDLED_CLIPART_VAE} for image folders)")
+                   f"{BUNDLED_VAE} for fashion-mnist, {BUNDLED_RGB_VAE} for image folders)")
     p.add_argument("--latent-norm", choices=LATENT_NORMS, default="scalar",
                    help="how training normalises the latents: x scaling_factor, or per channel with the VAE's "
                    "latents_mean / latents_std (recorded in the manifest)")

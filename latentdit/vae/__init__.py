@@ -3,9 +3,9 @@
 configured by :mod:`latentdit.vae.config`)."""
 
 from latentdit.vae.autoencoder import (
-    BUNDLED_CLIPART_VAE, BUNDLED_VAE, BUNDLED_VAE_CARD_JSON, BUNDLED_VAES, VAE, bundled_vae_path, default_vae_for, psnr,
-    reconstruction_psnr, reconstruction_psnrs, resolve_vae_spec,
+    BUNDLED_CLIPART_VAE, BUNDLED_RGB_VAE, BUNDLED_VAE, BUNDLED_VAE_CARD_JSON, BUNDLED_VAES, VAE, bundled_vae_path,
+    default_vae_for, psnr, reconstruction_psnr, reconstruction_psnrs, resolve_vae_spec,
 )
 
-__all__ = ["BUNDLED_CLIPART_VAE", "BUNDLED_VAE", "BUNDLED_VAE_CARD_JSON", "BUNDLED_VAES", "VAE", "bundled_vae_path",
-           "default_vae_for", "psnr", "reconstruction_psnr", "reconstruction_psnrs", "resolve_vae_spec"]
+__all__ = ["BUNDLED_CLIPART_VAE", "BUNDLED_RGB_VAE", "BUNDLED_VAE", "BUNDLED_VAE_CARD_JSON", "BUNDLED_VAES", "VAE",
+           "bundled_vae_path", "default_vae_for", "psnr", "reconstruction_psnr", "reconstruction_psnrs", "resolve_vae_spec"]

@@ -1,8 +1,9 @@
 """The image autoencoder (a diffusers ``AutoencoderKL``): loading, posterior moments, decoding.
 
-``VAE.load`` accepts a bundled name (:data:`BUNDLED_VAE`, a small KL-f8 VAE trained on Fashion-MNIST,
-and :data:`BUNDLED_CLIPART_VAE`, one trained on RGB clip art, both by ``tools/train_vae.py`` and
-shipped in ``latentdit/assets/``), a local folder written by ``save_pretrained``, or a hub id such as
+``VAE.load`` accepts a bundled name (:data:`BUNDLED_VAE`, a small KL-f8 VAE trained on Fashion-MNIST;
+:data:`BUNDLED_RGB_VAE`, one trained on a mix of clip art, icons and photographs, the default for image
+folders; :data:`BUNDLED_CLIPART_VAE`, its predecessor trained on clip art alone; all by
+``tools/train_vae.py`` and shipped in ``latentdit/assets/``), a local folder written by ``save_pretrained``, or a hub id such as
 ``stabilityai/sd-vae-ft-ema``. All three go through ``AutoencoderKL.from_pretrained``.
 
 The latent scaling factor is read from the VAE's own config (``VAE.scaling_factor``) and nowhere
@@ -24,10 +25,13 @@ from latentdit.io import sha256_file, sha256_json
 
 #: The name users pass to get the VAE shipped with the package for Fashion-MNIST (the default data).
 BUNDLED_VAE = "latentdit/kl-f8-fashion-mnist"
-#: The bundled VAE for RGB image folders (trained on public-domain clip art).
+#: The bundled VAE for RGB image folders (trained on clip art, icons and photograph crops).
+BUNDLED_RGB_VAE = "latentdit/kl-f8-rgb"
+#: The earlier RGB VAE, trained on public-domain clip art alone.
 BUNDLED_CLIPART_VAE = "latentdit/kl-f8-clipart"
 #: Every bundled VAE: name -> folder under ``latentdit/assets/``.
-BUNDLED_VAES = {BUNDLED_VAE: "vae-kl-f8-fashion-mnist", BUNDLED_CLIPART_VAE: "vae-kl-f8-clipart"}
+BUNDLED_VAES = {BUNDLED_VAE: "vae-kl-f8-fashion-mnist", BUNDLED_RGB_VAE: "vae-kl-f8-rgb",
+                BUNDLED_CLIPART_VAE: "vae-kl-f8-clipart"}
 #: JSON file beside a bundled VAE holding the numbers its model card states.
 BUNDLED_VAE_CARD_JSON = "model_card.json"
 
@@ -47,10 +51,10 @@ def bundled_vae_path(name: str = BUNDLED_VAE) -> Path:
 
 
 def default_vae_for(data: str | os.PathLike) -> str:
-    """The bundled VAE for a ``--data`` value: Fashion-MNIST's own, else the clip-art (RGB) one."""
+    """The bundled VAE for a ``--data`` value: Fashion-MNIST's own, else the general RGB one."""
     from latentdit.data import is_fashion_mnist
 
-    return BUNDLED_VAE if is_fashion_mnist(data) else BUNDLED_CLIPART_VAE
+    return BUNDLED_VAE if is_fashion_mnist(data) else BUNDLED_RGB_VAE
 
 
 def _looks_like_local_path(spec: str) -> bool:
