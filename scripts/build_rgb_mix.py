@@ -4,7 +4,7 @@ Sources (Debian packages, installed as root after `apt-get update`):
   sudo apt-get install -y openclipart-png oxygen-icon-theme plasma-workspace-wallpapers ukui-wallpapers \
        lomiri-wallpapers                                   # training mix (train/ + held-out val/)
   sudo apt-get install -y faenza-icon-theme gnome-backgrounds tuxpaint-stamps-default   # never trained on
-  python scripts/build_rgb_mix.py --out /work/data/rgb_mix --unseen /work/data/rgb_unseen
+  python scripts/build_rgb_mix.py --out data/rgb_mix --unseen data/rgb_unseen
 
 Output (--out): an ImageNet-layout folder with split folders, read by tools/train_vae.py as
   train/{clipart,icons,photo}/*.png and val/{clipart,icons,photo}/*.png
@@ -180,8 +180,8 @@ def photo_crops(path: Path, n: int, rng: random.Random, scales: tuple[float, ...
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--out", default="/work/data/rgb_mix")
-    ap.add_argument("--unseen", default="/work/data/rgb_unseen", help="'' to skip the unseen sets")
+    ap.add_argument("--out", default="data/rgb_mix")
+    ap.add_argument("--unseen", default="data/rgb_unseen", help="'' to skip the unseen sets")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--val-fraction", type=float, default=0.04, help="of clip art files and icon names")
     ap.add_argument("--photo-val-fraction", type=float, default=0.12, help="of wallpapers (whole)")
