@@ -78,7 +78,7 @@ def test_power_ema_weights_every_update_as_the_profile_says():
         ema.update(model, power_decay(gamma, step))
     tau = np.arange(1, n + 1, dtype=np.float64)
     weights = (tau ** (gamma + 1) - (tau - 1) ** (gamma + 1)) / n ** (gamma + 1)
-    assert weights.sum() == pytest.approx(1.0, rel=1e-9)
+    assert weights.sum() == pytest.approx(1.0, rel=1e-7)
     expected = float(np.dot(weights, values.numpy()))
     assert ema.shadow["weight"].item() == pytest.approx(expected, rel=1e-6)  # the shadow is fp32
     assert power_decay(gamma, 1) == 0.0  # the first update copies the weights
