@@ -20,9 +20,35 @@ CHUNK_DIR = ".chunks"
 CHUNK_SETTINGS = "settings.json"
 
 
+LABEL_MODES = ("balanced", "training")
+
+
 def balanced_labels(indices: Sequence[int] | range, num_classes: int) -> list[int]:
     """Label of global sample i is ``i % num_classes``: every class equally often (±1)."""
     return [int(i) % num_classes for i in indices]
+
+
+def proportional_labels(num_samples: int, counts: Sequence[int]) -> list[int]:
+    """Labels of global samples ``0 .. num_samples - 1`` in the proportions of ``counts`` (images per class).
+
+    Smooth weighted round robin: every class adds its count to its credit, the class with the most credit
+    (the lowest id on a tie) is drawn and pays the total. Every prefix of the sequence holds each class
+    within one of its proportional share, so chunks are mixed and the first ``n`` samples of a longer run
+    are the same as those of a run of ``n``; equal counts give :func:`balanced_labels`; a class with
+    count 0 is never drawn.
+    """
+    weights = np.asarray(counts, dtype=np.int64)
+    if weights.ndim != 1 or len(weights) == 0 or (weights < 0).any() or weights.sum() == 0:
+        raise LatentDiTError(f"class counts must be non-negative with a positive sum, got {list(counts)}")
+    total = int(weights.sum())
+    credit = np.zeros_like(weights)
+    labels = []
+    for _ in range(num_samples):
+        credit += weights
+        c = int(np.argmax(credit))  # the first maximum: ties go to the lowest class id
+        credit[c] -= total
+        labels.append(c)
+    return labels
 
 
 def num_chunks(num_samples: int, chunk_size: int) -> int:
@@ -78,8 +104,8 @@ def prepare_chunk_dir(chunk_dir: str | Path, settings: dict, create: bool = True
         chunk_dir.mkdir(parents=True, exist_ok=True)
     if path.is_file() or not create:
         old = read_json(path, "chunk settings")
-        diffs = [f"{k}: {old.get(k)!r} (earlier run) vs {v!r} (now)"
-                 for k, v in settings.items() if old.get(k) != v]
+        diffs = [f"{k}: {old.get(k)!r} (earlier run) vs {settings.get(k)!r} (now)"  # a key on either side only
+                 for k in sorted(set(old) | set(settings)) if old.get(k) != settings.get(k)]  # differs as well
         if diffs:
             raise LatentDiTError(
                 f"{chunk_dir} holds chunks from a run with other settings ({'; '.join(diffs)}); "

@@ -2,7 +2,7 @@
 
 Our weights are safetensors whose metadata describes the model (:func:`save_weights`,
 :func:`weights_metadata`): the model config (``latentdit_model``), and when known the class names, the
-VAE spec, the training process (``process``: DDPM or flow, see :mod:`latentdit.diffusion`), the DDPM
+VAE spec, the training items per class, the training process (``process``: DDPM or flow, see :mod:`latentdit.diffusion`), the DDPM
 settings of older files (``latentdit_diffusion``) and the latents' normalisation.
 
 :func:`load_model_for_sampling` reads such a file, a training checkpoint folder ``step-XXXXXXX`` or a
@@ -18,14 +18,15 @@ import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Mapping
+from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
 import torch
 
 from latentdit.diffusion import META_PROCESS, DDPMProcess, Process, build_process, process_from_metadata
 from latentdit.errors import LatentDiTError
 from latentdit.io import read_safetensors_metadata, save_safetensors
-from latentdit.models.checkpoint import META_CLASS_NAMES, META_DIFFUSION, META_LATENT_NORM, META_VAE
+from latentdit.models.checkpoint import (META_CLASS_COUNTS, META_CLASS_NAMES, META_DIFFUSION, META_LATENT_NORM,
+                                         META_VAE)
 from latentdit.models.checkpoint import METADATA_KEY as META_MODEL
 
 if TYPE_CHECKING:  # the autoencoder module (diffusers) is imported only when a VAE is used
@@ -42,13 +43,16 @@ _STEP_DIR = re.compile(r"^step-(\d+)$")
 def weights_metadata(model_config: Mapping[str, Any], class_names: list[str] | None,
                      vae: str | None = None, diffusion: Mapping[str, Any] | None = None,
                      process: Mapping[str, Any] | None = None,
-                     latent_norm: Mapping[str, Any] | None = None) -> dict[str, str]:
+                     latent_norm: Mapping[str, Any] | None = None,
+                     class_counts: Sequence[int] | None = None) -> dict[str, str]:
     """The safetensors metadata of a weights file (JSON values under the keys the loaders read)."""
     meta = {META_MODEL: json.dumps(dict(model_config), sort_keys=True)}
     if process is not None:
         meta[META_PROCESS] = json.dumps(dict(process), sort_keys=True)
     if class_names is not None:
         meta[META_CLASS_NAMES] = json.dumps(list(class_names))
+    if class_counts is not None:
+        meta[META_CLASS_COUNTS] = json.dumps([int(c) for c in class_counts])
     if vae is not None:
         meta[META_VAE] = json.dumps(vae)
     if diffusion is not None:
@@ -61,12 +65,14 @@ def weights_metadata(model_config: Mapping[str, Any], class_names: list[str] | N
 def save_weights(state_dict: Mapping[str, torch.Tensor], path: str | os.PathLike,
                  model_config: Mapping[str, Any], class_names: list[str] | None = None,
                  vae: str | None = None, diffusion: Mapping[str, Any] | None = None,
-                 process: Mapping[str, Any] | None = None, latent_norm: Mapping[str, Any] | None = None) -> None:
-    """Safetensors with the model config (and class names, VAE spec, noise schedule, the training
-    process's ``metadata()``) in the metadata, so ``latentdit.models.checkpoint.load_dit`` and the
-    sampling tools work from the file alone."""
+                 process: Mapping[str, Any] | None = None, latent_norm: Mapping[str, Any] | None = None,
+                 class_counts: Sequence[int] | None = None) -> None:
+    """Safetensors with the model config (and class names and the training items per class, VAE spec,
+    noise schedule, the training process's ``metadata()``) in the metadata, so
+    ``latentdit.models.checkpoint.load_dit`` and the sampling tools work from the file alone."""
     tensors = {k: v.detach().to("cpu") for k, v in state_dict.items()}
-    save_safetensors(tensors, path, weights_metadata(model_config, class_names, vae, diffusion, process, latent_norm))
+    save_safetensors(tensors, path, weights_metadata(model_config, class_names, vae, diffusion, process, latent_norm,
+                                                     class_counts))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -85,6 +91,7 @@ class SamplingCheckpoint:
     process: Process = field(default_factory=DDPMProcess)   # the training process (ddpm for released DiT)
     metadata: dict[str, str] = field(default_factory=dict)
     latent_norm: LatentNorm | None = None   # of the training latents; None: the VAE's scaling_factor
+    class_counts: list[int] | None = None   # training items per class; None when not recorded
 
     @property
     def num_classes(self) -> int:
@@ -181,6 +188,13 @@ def load_model_for_sampling(path: str | Path, model_name: str | None = None,
                 f"class names, found {len(class_names) if isinstance(class_names, list) else class_names!r}"
             )
         class_names = [str(c) for c in class_names]
+    class_counts = _json_meta(metadata, META_CLASS_COUNTS, weights)
+    if class_counts is not None:
+        if (not isinstance(class_counts, list) or len(class_counts) != model.num_classes
+                or not all(isinstance(c, int) and not isinstance(c, bool) and c >= 0 for c in class_counts)
+                or sum(class_counts) == 0):
+            raise LatentDiTError(f"checkpoint {weights}: metadata {META_CLASS_COUNTS!r} should list "
+                                 f"{model.num_classes} non-negative counts with a positive sum, found {class_counts!r}")
     vae = _json_meta(metadata, META_VAE, weights)
     if isinstance(vae, dict):
         vae = vae.get("spec")
@@ -205,7 +219,7 @@ def load_model_for_sampling(path: str | Path, model_name: str | None = None,
 
         latent_norm = LatentNorm.from_dict(latent_norm, f"checkpoint {weights}: metadata {META_LATENT_NORM!r}")
     return SamplingCheckpoint(
-        model=model, path=weights, model_name=name, class_names=class_names,
+        model=model, path=weights, model_name=name, class_names=class_names, class_counts=class_counts,
         vae_spec=str(vae) if vae else None, process=process,
         metadata=metadata, latent_norm=latent_norm,
     )

@@ -12,7 +12,7 @@ import torch
 
 from latentdit.diffusion import META_PROCESS
 from latentdit.io import save_safetensors
-from latentdit.models.checkpoint import META_CLASS_NAMES, META_VAE, METADATA_KEY
+from latentdit.models.checkpoint import META_CLASS_COUNTS, META_CLASS_NAMES, META_VAE, METADATA_KEY
 
 CLASS_NAMES = ["T-shirt/top", "Trouser", "Pullover", "Dress"]
 
@@ -32,10 +32,12 @@ def make_tiny_dit(seed: int = 0, num_classes: int = len(CLASS_NAMES), learn_sigm
 
 
 def save_our_checkpoint(model, path: Path, class_names=CLASS_NAMES, vae: str | None = None,
-                        process=None) -> Path:
-    """Weights as the trainer writes them: safetensors + model config + class names (+ VAE, + process)
-    metadata."""
+                        process=None, class_counts=None) -> Path:
+    """Weights as the trainer writes them: safetensors + model config + class names (+ VAE, + process,
+    + training items per class) metadata."""
     meta = {METADATA_KEY: json.dumps(model.config), META_CLASS_NAMES: json.dumps(list(class_names))}
+    if class_counts is not None:
+        meta[META_CLASS_COUNTS] = json.dumps(class_counts)
     if vae is not None:
         meta[META_VAE] = json.dumps(vae)
     if process is not None:

@@ -108,6 +108,9 @@ def test_class_and_flat_folders_train_and_sample_differently(tmp_path):
         demo.checkpoint = lambda: tmp_path / "ema.safetensors"
         demo.stage_grid()
     assert "--labels" not in seen[0] and seen[1][seen[1].index("--labels") + 1] == "0,0,0,0"
+    classes.stage_samples()  # FID samples of a class folder take the training part's class proportions
+    assert seen[2][seen[2].index("--labels") + 1] == "training"
+    assert "--labels" not in Demo(DemoSettings(out=tmp_path / "fm")).train_overrides()
     flat.stage_split()
     assert demo_folder.training_folder(flat.split_dir, flat.dataset()).name == "flat"  # the class name
     guided = folder_demo(tmp_path, tmp_path / "flat", held_out=1, cfg_scales=(1.0, 3.0), grid_cfg_scale=1.0,

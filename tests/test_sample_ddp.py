@@ -109,6 +109,45 @@ def test_balanced_labels_and_chunk_ranges():
         [0, 1, 2, 3], [4, 5, 6, 7], [8, 9]]
 
 
+def test_proportional_labels_keep_every_prefix_within_one_of_the_class_shares():
+    rng = np.random.default_rng(0)
+    for _ in range(50):
+        counts = rng.integers(0, 40, size=int(rng.integers(1, 12)))
+        counts[int(rng.integers(len(counts)))] += 1
+        labels = np.array(store.proportional_labels(200, counts.tolist()))
+        for n in range(1, 201):
+            share = n * counts / counts.sum()
+            assert np.abs(np.bincount(labels[:n], minlength=len(counts)) - share).max() < 1
+        assert set(labels.tolist()) <= set(np.flatnonzero(counts).tolist())  # an empty class never drawn
+    assert store.proportional_labels(9, [5, 5, 5]) == store.balanced_labels(range(9), 3)
+    assert store.proportional_labels(8, [3, 1]) == [0, 0, 1, 0, 0, 0, 1, 0]
+    assert store.proportional_labels(5, [2, 7, 1])[:3] == store.proportional_labels(3, [2, 7, 1])
+    for bad in ([], [0, 0], [3, -1]):
+        with pytest.raises(LatentDiTError, match="class counts"):
+            store.proportional_labels(3, bad)
+
+
+def test_training_labels_follow_the_recorded_class_counts(tmp_path):
+    vae_dir = make_tiny_vae_dir(tmp_path / "vae")
+    counts = [6, 0, 1, 3]
+    weighted = save_our_checkpoint(make_tiny_dit(), tmp_path / "ema.safetensors", vae=str(vae_dir),
+                                   class_counts=counts)
+    assert _tool().main(_argv(weighted, tmp_path / "out", "--labels", "training")) == 0
+    with np.load(tmp_path / "out" / "samples.npz") as z:
+        labels = z["arr_1"]
+    assert labels.tolist() == store.proportional_labels(N, counts)
+    assert np.bincount(labels, minlength=4).tolist() == [6, 0, 1, 3]
+    settings = (tmp_path / "out" / store.CHUNK_DIR / store.CHUNK_SETTINGS).read_text()
+    assert '"labels": "training"' in settings
+    # balanced chunks are not taken for training-proportion ones
+    with pytest.raises(LatentDiTError, match="labels"):
+        _tool().main(_argv(weighted, tmp_path / "out"))
+    bare = save_our_checkpoint(make_tiny_dit(), tmp_path / "bare.safetensors", vae=str(vae_dir))
+    with pytest.raises(LatentDiTError, match="--labels training: .* records no training class counts"):
+        _tool().main(_argv(bare, tmp_path / "out2", "--labels", "training"))
+    assert not (tmp_path / "out2").exists()
+
+
 def test_progress_bar_counts_the_samples_this_process_draws(ckpt, tmp_path, monkeypatch):
     import tqdm.auto
 

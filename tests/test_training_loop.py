@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from latentdit.config import load_config
+from latentdit.data.latents import LatentDataset
 from latentdit.errors import LatentDiTError
 from latentdit.training import train
 from training_helpers import FLOW, assert_same_losses, losses, make_cfg, tree_bytes
@@ -47,6 +48,8 @@ def test_train_writes_checkpoints_metrics_and_loadable_ema(latents, tmp_path):
     ema_path = ck / "ema.safetensors"
     tensors, meta = load_safetensors(ema_path)
     assert json.loads(meta["latentdit_class_names"]) == ["ant", "bee", "cat", "dog"]
+    labels = LatentDataset(latents).labels
+    assert json.loads(meta["latentdit_class_counts"]) == torch.bincount(labels, minlength=4).tolist()
     # ... and names the VAE of its latents and its noise schedule, so sampling needs nothing else
     assert json.loads(meta["latentdit_vae"]) == json.loads((latents / "manifest.json").read_text())["vae"]["spec"]
     assert json.loads(meta["latentdit_diffusion"]) == {"noise_schedule": "linear", "diffusion_steps": 1000}

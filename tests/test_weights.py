@@ -35,6 +35,16 @@ def test_our_safetensors_with_metadata(tmp_path, tiny_model):
     assert load_model_for_sampling(tmp_path).path == path
 
 
+def test_class_counts_are_read_back_and_checked(tmp_path, tiny_model):
+    path = save_our_checkpoint(tiny_model, tmp_path / "ema.safetensors", class_counts=[3, 0, 2, 1])
+    assert load_model_for_sampling(path).class_counts == [3, 0, 2, 1]
+    assert load_model_for_sampling(save_our_checkpoint(tiny_model, tmp_path / "b.safetensors")).class_counts is None
+    for bad in ([3, 0, 2], [3, 0, 2, -1], [0, 0, 0, 0], [1.5, 1, 1, 1], "many"):
+        path = save_our_checkpoint(tiny_model, tmp_path / "bad.safetensors", class_counts=bad)
+        with pytest.raises(LatentDiTError, match="latentdit_class_counts.* 4 non-negative counts"):
+            load_model_for_sampling(path)
+
+
 def test_model_flag_mismatching_the_file_is_explained(tmp_path, tiny_model):
     path = save_our_checkpoint(tiny_model, tmp_path / "model.safetensors")
     with pytest.raises(LatentDiTError, match=r"does not match model DiT-S/2.*depth"):

@@ -315,10 +315,17 @@ class Demo:
                "--trajectory", str(self.report_dir / "trajectory.png")]
         self._run("grid", cmd)
 
+    @property
+    def label_mode(self) -> str:
+        """How the FID samples' labels are drawn: a folder's classes in their training proportions (the
+        held-out reference has them too), Fashion-MNIST's balanced classes evenly."""
+        return "training" if self.folder else "balanced"
+
     def stage_samples(self) -> None:
         for scale in self.s.cfg_scales:
             cmd = [sys.executable, _tool("sample_ddp.py"), "--ckpt", str(self.checkpoint()),
                    "--num-samples", str(self.s.fid_samples), "--cfg-scale", f"{scale:g}",
+                   *(["--labels", self.label_mode] if self.label_mode != "balanced" else []),
                    "--sampler", self.s.sampler, "--num-steps", str(self.s.num_steps),
                    "--seed", str(self.s.seed), "--out-dir", str(self.samples_dir(scale))]
             self._run(f"samples cfg {scale:g}", cmd)

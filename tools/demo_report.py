@@ -38,6 +38,13 @@ def _metrics_row(label: str, m: dict) -> str:
     return f"| {label} | {num('fid', '.2f')} | {kid} | {num('precision', '.3f')} | {num('recall', '.3f')} |"
 
 
+def _labels_text(demo: Any) -> str:
+    if demo.label_mode == "training":
+        return ("labels in the training part's class proportions (the held-out part has the same ones; "
+                "`sample_ddp.py --labels training`)")
+    return "balanced labels"
+
+
 def _intro(demo: Any, split: dict | None) -> list[str]:
     s = demo.s
     if split is None:
@@ -108,7 +115,7 @@ def report_markdown(demo: Any, table: dict, floors: dict, split: dict | None, su
     reference = ("the first {n} Fashion-MNIST test images (never trained on)".format(n=s.reference_samples)
                  if split is None else "the held-out images (never trained on, nor encoded for training)")
     lines += ["## FID / KID by guidance scale", "",
-              f"Protocol: {s.fid_samples} samples per scale with balanced labels, {s.sampler}-{s.num_steps}, seed "
+              f"Protocol: {s.fid_samples} samples per scale with {_labels_text(demo)}, {s.sampler}-{s.num_steps}, seed "
               f"{s.seed}; reference: {reference}; TF-Inception pool3 features."]
     if split is not None:
         lines += ["", "Floors, scored the same way against the same reference in the same run: real training images "

@@ -3,7 +3,9 @@
     accelerate launch --multi_gpu --num_processes 8 tools/sample_ddp.py --ckpt run/ema.safetensors \\
         --num-samples 50000 --cfg-scale 1.5 --out-dir samples/cfg1.5
 
-Labels are balanced (sample i has class i % num_classes) and sample i's initial and step noise
+Labels are balanced (sample i has class i % num_classes), or with --labels training in the proportions
+of the training data's classes as the weights record them (the protocol for a reference set with those
+proportions, e.g. the held-out part of an unbalanced image folder); sample i's initial and step noise
 come from a generator seeded by (--seed, i), so the result depends neither on the number of
 processes nor on --batch-size. Work is cut into chunks
 written atomically under OUT_DIR/.chunks/; after a kill, run the same command again: finished
@@ -34,6 +36,9 @@ def build_parser():
     p.add_argument("--model", default=None, help="model config name (needed only when the file has no metadata)")
     p.add_argument("--num-samples", type=positive_int, default=50_000)
     add_label_table_arguments(p)
+    p.add_argument("--labels", choices=store.LABEL_MODES, default="balanced",
+                   help="balanced: every class equally often; training: in the proportions of the classes the "
+                        "model was trained on (recorded in weights written by tools/train.py)")
     add_sampler_arguments(p, cfg_scale=1.5)
     p.add_argument("--seed", type=non_negative_int, default=0)
     p.add_argument("--vae", default=None, help="VAE spec (default: the checkpoint's, else the bundled VAE)")
@@ -65,6 +70,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     check_guidance_possible(ckpt.model, sampling.cfg_scale)  # before any output is written
     if args.batch_size > args.chunk_size:
         raise LatentDiTError(f"--batch-size ({args.batch_size}) must not exceed --chunk-size ({args.chunk_size})")
+    if args.labels == "training" and ckpt.class_counts is None:
+        raise LatentDiTError(f"--labels training: {ckpt.path} records no training class counts (weights from "
+                             "an older latentdit or a released DiT); use --labels balanced")
     vae = load_vae_for(ckpt, args.vae, device=device, dtype=dtype or torch.float32)
 
     out_dir: Path = args.out_dir
@@ -80,6 +88,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         "chunk_size": args.chunk_size,
         "precision": str(dtype).replace("torch.", "") if dtype else "fp32",
     }
+    if args.labels != "balanced":  # only then, so chunk folders written with balanced labels still match
+        settings.update(labels=args.labels, class_counts=ckpt.class_counts)
     if sampling.guide is not None:  # only then, so chunk folders written without autoguidance still match
         guide_path = sampling.guide.path
         settings.update(guide=str(guide_path.resolve()), guide_bytes=guide_path.stat().st_size,
@@ -101,10 +111,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         from tqdm.auto import tqdm
         bar = tqdm(total=store.samples_in_chunks(mine, args.num_samples, args.chunk_size),
                    desc=f"samples (rank 0 of {state.num_processes})", unit="img")
+    all_labels = (store.proportional_labels(args.num_samples, ckpt.class_counts) if args.labels == "training"
+                  else store.balanced_labels(range(args.num_samples), ckpt.num_classes))
     t0 = time.perf_counter()
     for k in mine:
         idx = store.chunk_range(k, args.num_samples, args.chunk_size)
-        labels = store.balanced_labels(idx, ckpt.num_classes)
+        labels = all_labels[idx.start:idx.stop]
         latents = S.sample_seeded(ckpt.model, labels, sampling, seed=args.seed, first_index=idx.start,
                                   batch_size=args.batch_size, device=device, dtype=dtype)
         images = S.decode_to_uint8(vae, latents.to(device), batch_size=args.batch_size, norm=ckpt.latent_norm)

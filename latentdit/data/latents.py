@@ -17,6 +17,7 @@ checked and resumed.
 from __future__ import annotations
 
 import bisect
+import functools
 import json
 import os
 from pathlib import Path
@@ -411,6 +412,11 @@ class LatentDataset(torch.utils.data.Dataset):
     def labels(self) -> torch.Tensor:
         """All labels (int64 ``[len]``), in item order."""
         return torch.cat([self._handle(s).get_tensor("labels") for s in range(len(self._files))]).long()
+
+    @functools.cached_property
+    def class_counts(self) -> list[int]:
+        """Items per class (index = class id), e.g. to sample labels in the training proportions."""
+        return torch.bincount(self.labels, minlength=self.num_classes).tolist()
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         for i in range(len(self)):

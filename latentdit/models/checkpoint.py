@@ -39,6 +39,7 @@ from latentdit.models.registry import default_num_heads, get_config
 # Safetensors metadata keys (JSON strings) of the weights files latentdit writes.
 METADATA_KEY = "latentdit_model"              # the DiT constructor arguments (model.config)
 META_CLASS_NAMES = "latentdit_class_names"    # list of class names, index = class id
+META_CLASS_COUNTS = "latentdit_class_counts"  # training items per class, index = class id
 META_VAE = "latentdit_vae"                    # the VAE spec the latents came from
 META_DIFFUSION = "latentdit_diffusion"        # {"noise_schedule": ..., "diffusion_steps": ...}
 META_LATENT_NORM = "latentdit_latent_norm"    # LatentNorm.to_dict() of the latents trained on (decoding inverts it)

@@ -351,8 +351,9 @@ def save_checkpoint(state: TrainState) -> Path:
     ds, process, t_cfg = state.dataset, state.process, state.cfg.train
 
     def write_files(tmp: Path) -> None:
-        meta = dict(class_names=ds.class_names, vae=ds.vae, process=process.metadata(),
-                    latent_norm=ds.latent_norm.to_dict(), diffusion=process.legacy_metadata())
+        meta = dict(class_names=ds.class_names, class_counts=ds.class_counts, vae=ds.vae,
+                    process=process.metadata(), latent_norm=ds.latent_norm.to_dict(),
+                    diffusion=process.legacy_metadata())
         save_weights(model_sd, tmp / MODEL_FILE, state.model_config, **meta)
         save_weights(ema_sd, tmp / EMA_FILE, state.model_config, **meta)
         torch_save(opt_sd, tmp / OPTIMIZER_FILE)
