@@ -45,6 +45,7 @@ class ModelConfig:
     mlp: str = "gelu"             # gelu (tanh GELU MLP) | swiglu (SwiGLU, 2/3 of the hidden width)
     pos: str = "sincos"           # sincos (absolute 2-D table) | rope2d (2-D rotary on q/k, no table)
     qk_norm: bool = False         # RMSNorm with a learned scale on queries and keys, per head
+    internal_block: int | None = None   # Internal Guidance: a second output head after this block (0-based)
 
 
 @dataclass
@@ -124,6 +125,7 @@ class TrainConfig:
     dispersive_block: int | None = None   # 0-based block index
     dispersive_tau: float = 1.0           # temperature τ
     dispersive_distance: str = "l2"       # l2 (squared distance / dimension) | cosine (−cosine similarity)
+    internal_loss_weight: float = 0.5     # λ of the internal head's diffusion loss (with model.internal_block)
 
 
 @dataclass
@@ -192,7 +194,8 @@ def model_arguments(m: ModelConfig) -> dict[str, Any]:
     stated = {k: getattr(m, k) for k in ("input_size", "in_channels", "num_classes") if getattr(m, k) is not None}
     return dict(resolve_arch(m.name, m.depth, m.hidden_size, m.num_heads, m.patch_size), **stated,
                 class_dropout_prob=m.class_dropout_prob, learn_sigma=m.learn_sigma,
-                grad_checkpointing=m.grad_checkpointing, norm=m.norm, mlp=m.mlp, pos=m.pos, qk_norm=m.qk_norm)
+                grad_checkpointing=m.grad_checkpointing, norm=m.norm, mlp=m.mlp, pos=m.pos, qk_norm=m.qk_norm,
+                internal_block=m.internal_block)
 
 
 def validate_config(cfg: Config, source: str = "config") -> None:

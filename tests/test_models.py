@@ -12,7 +12,7 @@ import torch
 
 from latentdit.errors import LatentDiTError
 from latentdit.models import DIT_CONFIGS, DiT, create_dit, guided_forward, model_names
-from latentdit.models.dit import sincos_2d, timestep_embedding
+from latentdit.models.embeddings import sincos_2d, timestep_embedding
 
 PAPER = {"S": (12, 384, 6), "B": (12, 768, 12), "L": (24, 1024, 16), "XL": (28, 1152, 16)}
 

@@ -76,7 +76,7 @@ def test_return_blocks_gives_the_block_outputs_and_the_same_prediction():
     x, t, y = torch.randn(2, 4, 8, 8), torch.tensor([3, 700]), torch.tensor([0, 2])
     with torch.no_grad():
         plain = model(x, t, y)
-        out, blocks = model(x, t, y, return_blocks=(1, 3))
+        out, (blocks, internal) = model(x, t, y, return_blocks=(1, 3))
         # by hand: the same embedding and blocks, read after blocks 1 and 3
         h = model.x_embedder(x) + model.pos_embed
         c = model.t_embedder(t) + model.y_embedder(y, False)
@@ -84,7 +84,7 @@ def test_return_blocks_gives_the_block_outputs_and_the_same_prediction():
         for block in model.blocks:
             h = block(h, c, None)
             seen.append(h)
-    assert torch.equal(out, plain) and sorted(blocks) == [1, 3]
+    assert torch.equal(out, plain) and sorted(blocks) == [1, 3] and internal is None
     assert torch.equal(blocks[1], seen[1]) and torch.equal(blocks[3], seen[3])
     assert blocks[1].shape == (2, 16, 32)
     with pytest.raises(LatentDiTError, match=r"return_blocks must be block indices in \[0, 3\]"):

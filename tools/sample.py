@@ -60,7 +60,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                                    null_class=not args.no_null_class)
     labels = (parse_labels(args.labels, ckpt.num_classes, ckpt.class_names) if args.labels is not None
               else S.default_labels(ckpt.num_classes))
-    settings = settings.resolved(ckpt.process, ckpt.model.in_channels, guide=load_guide(args, ckpt, device))
+    settings = settings.resolved(ckpt.process, ckpt.model.in_channels, guide=load_guide(args, ckpt, device),
+                                 internal_head=S.has_internal_head(ckpt.model))
     check_guidance_possible(ckpt.model, settings.cfg_scale)
     vae = load_vae_for(ckpt, args.vae, device=device)
 

@@ -66,7 +66,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     sampling = settings_from_args(args)
     ckpt = load_model_for_sampling(args.ckpt, args.model, device=device, num_classes=args.num_classes,
                                    null_class=not args.no_null_class)
-    sampling = sampling.resolved(ckpt.process, ckpt.model.in_channels, guide=load_guide(args, ckpt, device))
+    sampling = sampling.resolved(ckpt.process, ckpt.model.in_channels, guide=load_guide(args, ckpt, device),
+                                 internal_head=S.has_internal_head(ckpt.model))
     check_guidance_possible(ckpt.model, sampling.cfg_scale)  # before any output is written
     if args.batch_size > args.chunk_size:
         raise LatentDiTError(f"--batch-size ({args.batch_size}) must not exceed --chunk-size ({args.chunk_size})")
@@ -88,6 +89,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         "chunk_size": args.chunk_size,
         "precision": str(dtype).replace("torch.", "") if dtype else "fp32",
     }
+    if sampling.internal_scale != 1.0:  # only then, so chunk folders written without it still match
+        settings.update(internal_scale=sampling.internal_scale,
+                        internal_interval=list(sampling.internal_interval) if sampling.internal_interval else None)
     if args.labels != "balanced":  # only then, so chunk folders written with balanced labels still match
         settings.update(labels=args.labels, class_counts=ckpt.class_counts)
     if sampling.guide is not None:  # only then, so chunk folders written without autoguidance still match

@@ -54,6 +54,11 @@ def add_sampler_arguments(parser, cfg_scale: float) -> None:
                         help="autoguidance weight w (with --guide; 1 = the main model alone)")
     parser.add_argument("--guide-interval", default=None, metavar="LO,HI",
                         help="autoguidance only at these times, inclusive (units as --guidance-interval)")
+    parser.add_argument("--internal-scale", type=non_negative_float, default=1.0, metavar="W",
+                        help="Internal Guidance weight w for a model trained with an internal head "
+                             "(model.internal_block): internal + w·(final − internal), before cfg; 1 = off")
+    parser.add_argument("--internal-interval", default=None, metavar="LO,HI",
+                        help="internal guidance only at these times, inclusive (units as --guidance-interval)")
 
 
 def add_label_table_arguments(parser) -> None:
@@ -74,7 +79,9 @@ def settings_from_args(args) -> SamplerSettings:
                            guidance_interval=parse_guidance_interval(args.guidance_interval),
                            guided_channels=parse_guided_channels(args.guided_channels),
                            time_shift=args.time_shift, ddim_map=args.ddim_map, guide_scale=args.guide_scale,
-                           guide_interval=parse_guidance_interval(args.guide_interval, "--guide-interval"))
+                           guide_interval=parse_guidance_interval(args.guide_interval, "--guide-interval"),
+                           internal_scale=args.internal_scale,
+                           internal_interval=parse_guidance_interval(args.internal_interval, "--internal-interval"))
 
 
 def load_guide(args, ckpt: SamplingCheckpoint, device: torch.device) -> Guide | None:

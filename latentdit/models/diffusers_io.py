@@ -35,7 +35,8 @@ from typing import TYPE_CHECKING
 import torch
 
 from latentdit.errors import LatentDiTError
-from latentdit.models.dit import DiT, sincos_2d
+from latentdit.models.dit import DiT
+from latentdit.models.embeddings import sincos_2d
 from latentdit.models.guidance import unwrap_model
 
 if TYPE_CHECKING:  # diffusers is slow to import; load it only when converting

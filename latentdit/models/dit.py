@@ -28,6 +28,12 @@ so the released checkpoints load and compute bit-exactly):
 - ``qk_norm=True``: RMSNorm with a learned scale on each head's queries and keys (``attn.q_norm``,
   ``attn.k_norm``), applied before the rotary embedding.
 
+``internal_block=k`` adds an internal head (``internal_layer``, a final layer of its own, zero-initialised)
+that reads block k's output (0-based) and predicts what the final layer predicts: a weaker model inside the
+same forward pass, for Internal Guidance (Zhou et al. 2025, arXiv 2512.24176; the loss in
+:mod:`latentdit.training.regularizers`, the guidance in :mod:`latentdit.sampling.internal`). It is stored in
+:attr:`DiT.config` only when set.
+
 The attention, MLP and norm layers are timm's (``AttentionRope``, ``Mlp``, ``SwiGLU``, ``RmsNorm``).
 """
 
@@ -35,74 +41,24 @@ from __future__ import annotations
 
 import math
 from functools import partial
-from typing import Any, Sequence
+from typing import Any, NamedTuple, Sequence
 
 import torch
-import torch.nn.functional as F
 from einops import rearrange
-from timm.layers import AttentionRope, Mlp, RmsNorm, SwiGLU, build_rotary_pos_embed
+from timm.layers import AttentionRope, Mlp, RmsNorm, SwiGLU
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from latentdit.errors import LatentDiTError
+from latentdit.models.embeddings import TIMESTEP_FREQ_DIM, rope_2d, sincos_2d, timestep_embedding
 
-TIMESTEP_FREQ_DIM = 256
-TIMESTEP_MAX_PERIOD = 10000
 NORM_EPS = 1e-6
-ROPE_THETA = 10000.0
 
 NORMS = ("layernorm", "rmsnorm")
 MLPS = ("gelu", "swiglu")
 POSITIONS = ("sincos", "rope2d")
 # The DiT paper's blocks: the default block options (configs written before the options existed mean these).
 PAPER_BLOCKS: dict[str, Any] = dict(norm="layernorm", mlp="gelu", pos="sincos", qk_norm=False)
-
-
-# --------------------------------------------------------------------------------------------------
-# Fixed embeddings
-# --------------------------------------------------------------------------------------------------
-
-def timestep_embedding(t: torch.Tensor, dim: int = TIMESTEP_FREQ_DIM,
-                       max_period: int = TIMESTEP_MAX_PERIOD) -> torch.Tensor:
-    """Sinusoidal features ``[cos(t·f_i), sin(t·f_i)]`` with ``f_i = max_period^(-i/half)``; t may be fractional."""
-    half = dim // 2
-    exponent = -math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device)
-    freqs = torch.exp(exponent / half)
-    args = t[:, None].float() * freqs[None]
-    emb = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
-    if dim % 2:
-        emb = F.pad(emb, (0, 1))
-    return emb
-
-
-def sincos_1d(dim: int, pos: torch.Tensor) -> torch.Tensor:
-    """1D sin-cos table ``[sin(p·ω), cos(p·ω)]``, ``ω_i = 10000^(-i/(dim/2))``, computed in float64."""
-    omega = torch.arange(dim // 2, dtype=torch.float64, device=pos.device) / (dim / 2.0)
-    omega = 1.0 / 10000 ** omega
-    out = pos.reshape(-1).to(torch.float64)[:, None] * omega[None]
-    return torch.cat([torch.sin(out), torch.cos(out)], dim=1)
-
-
-def sincos_2d(dim: int, grid_size: int, device: torch.device | str | None = None) -> torch.Tensor:
-    """2D sin-cos table ``[grid_size², dim]`` in float64, tokens row-major.
-
-    The first half of each vector encodes the column index, the second half the row index (the
-    MAE/DiT convention, which diffusers' ``get_2d_sincos_pos_embed`` shares).
-    """
-    if dim % 4:
-        raise LatentDiTError(f"hidden_size must be divisible by 4 for the 2D sin-cos position embedding, got {dim}")
-    coords = torch.arange(grid_size, dtype=torch.float64, device=device)
-    rows, cols = torch.meshgrid(coords, coords, indexing="ij")
-    return torch.cat([sincos_1d(dim // 2, cols), sincos_1d(dim // 2, rows)], dim=1)
-
-
-def rope_2d(grid_size: int, head_dim: int, device: torch.device | str | None = None) -> torch.Tensor:
-    """Rotary table ``[grid_size², 2·head_dim]`` (sin then cos, pairs of channels interleaved) for
-    row-major tokens: the first half of a head's channels rotates with the token's row, the second with
-    its column, at frequencies ``ROPE_THETA^(-i/(head_dim/4))``; integer grid coordinates."""
-    sin, cos = build_rotary_pos_embed([grid_size, grid_size], dim=head_dim, in_pixels=False,
-                                      temperature=ROPE_THETA, device=device)
-    return torch.cat([sin, cos], dim=-1)
 
 
 def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
@@ -221,6 +177,14 @@ class FinalLayer(nn.Module):
 # The model
 # --------------------------------------------------------------------------------------------------
 
+class Extras(NamedTuple):
+    """What :meth:`DiT.forward` returns beside its output when asked: block outputs (tokens
+    ``[N, T, hidden_size]`` by 0-based block index) and the internal head's output (or None)."""
+
+    blocks: dict[int, torch.Tensor]
+    internal: torch.Tensor | None
+
+
 def _check_int(name: str, value: Any, minimum: int) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
         raise LatentDiTError(f"model.{name}: expected an integer >= {minimum}, got {value!r}")
@@ -230,7 +194,7 @@ def check_arguments(*, patch_size: int, hidden_size: int, depth: int, num_heads:
                     class_dropout_prob: float = 0.1, norm: str = PAPER_BLOCKS["norm"], mlp: str = PAPER_BLOCKS["mlp"],
                     pos: str = PAPER_BLOCKS["pos"], qk_norm: bool = PAPER_BLOCKS["qk_norm"],
                     input_size: int | None = None, in_channels: int | None = None,
-                    num_classes: int | None = None) -> None:
+                    num_classes: int | None = None, internal_block: int | None = None) -> None:
     """Refuse :class:`DiT` arguments it cannot be built with; each message names the config field
     (``model.<argument>``). The sizes that come from the data (``input_size``, ``in_channels``,
     ``num_classes``) are checked when given, so a config can be checked before its latents are read."""
@@ -259,6 +223,10 @@ def check_arguments(*, patch_size: int, hidden_size: int, depth: int, num_heads:
         raise LatentDiTError(f"model.mlp_ratio: expected a positive number, got {mlp_ratio!r}")
     if not (isinstance(class_dropout_prob, (int, float)) and 0.0 <= class_dropout_prob < 1.0):
         raise LatentDiTError(f"model.class_dropout_prob: expected a probability in [0, 1), got {class_dropout_prob!r}")
+    if internal_block is not None and (isinstance(internal_block, bool) or not isinstance(internal_block, int)
+                                       or not 0 <= internal_block < depth - 1):
+        raise LatentDiTError(f"model.internal_block: expected a block index in [0, {depth - 2}] (0-based, before the "
+                             f"last of the {depth} blocks) or null, got {internal_block!r}")
 
 
 class DiT(nn.Module):
@@ -275,18 +243,21 @@ class DiT(nn.Module):
                  depth: int = 28, num_heads: int = 16, mlp_ratio: float = 4.0, class_dropout_prob: float = 0.1,
                  num_classes: int = 1000, learn_sigma: bool = True, grad_checkpointing: bool = False,
                  norm: str = PAPER_BLOCKS["norm"], mlp: str = PAPER_BLOCKS["mlp"], pos: str = PAPER_BLOCKS["pos"],
-                 qk_norm: bool = PAPER_BLOCKS["qk_norm"]):
+                 qk_norm: bool = PAPER_BLOCKS["qk_norm"], internal_block: int | None = None):
         super().__init__()
         check_arguments(input_size=input_size, patch_size=patch_size, in_channels=in_channels,
                         hidden_size=hidden_size, depth=depth, num_heads=num_heads, mlp_ratio=mlp_ratio,
                         class_dropout_prob=class_dropout_prob, num_classes=num_classes, norm=norm, mlp=mlp,
-                        pos=pos, qk_norm=qk_norm)
+                        pos=pos, qk_norm=qk_norm, internal_block=internal_block)
 
         self._config = dict(input_size=input_size, patch_size=patch_size, in_channels=in_channels,
                             hidden_size=hidden_size, depth=depth, num_heads=num_heads, mlp_ratio=float(mlp_ratio),
                             class_dropout_prob=float(class_dropout_prob), num_classes=num_classes,
                             learn_sigma=bool(learn_sigma), grad_checkpointing=bool(grad_checkpointing),
                             norm=norm, mlp=mlp, pos=pos, qk_norm=qk_norm)
+        if internal_block is not None:
+            self._config["internal_block"] = internal_block
+        self.internal_block = internal_block
         self.input_size = input_size
         self.patch_size = patch_size
         self.in_channels = in_channels
@@ -309,6 +280,8 @@ class DiT(nn.Module):
         self.blocks = nn.ModuleList([DiTBlock(hidden_size, num_heads, mlp_ratio, norm, mlp, qk_norm)
                                      for _ in range(depth)])
         self.final_layer = FinalLayer(hidden_size, patch_size, self.out_channels, norm)
+        self.internal_layer = (FinalLayer(hidden_size, patch_size, self.out_channels, norm)
+                               if internal_block is not None else None)
         self.initialize_weights()
 
     # -- construction -------------------------------------------------------------------------------
@@ -333,10 +306,11 @@ class DiT(nn.Module):
         for block in self.blocks:
             nn.init.zeros_(block.adaLN_modulation[-1].weight)
             nn.init.zeros_(block.adaLN_modulation[-1].bias)
-        nn.init.zeros_(self.final_layer.adaLN_modulation[-1].weight)
-        nn.init.zeros_(self.final_layer.adaLN_modulation[-1].bias)
-        nn.init.zeros_(self.final_layer.linear.weight)
-        nn.init.zeros_(self.final_layer.linear.bias)
+        for head in (self.final_layer, self.internal_layer):
+            if head is not None:
+                for layer in (head.adaLN_modulation[-1], head.linear):
+                    nn.init.zeros_(layer.weight)
+                    nn.init.zeros_(layer.bias)
 
     @property
     def config(self) -> dict[str, Any]:
@@ -401,13 +375,15 @@ class DiT(nn.Module):
 
     def forward(self, x: torch.Tensor, t: torch.Tensor | float, y: torch.Tensor,
                 force_drop_ids: torch.Tensor | None = None,
-                return_blocks: Sequence[int] = ()) -> torch.Tensor | tuple[torch.Tensor, dict[int, torch.Tensor]]:
+                return_blocks: Sequence[int] = (), return_internal: bool = False
+                ) -> torch.Tensor | tuple[torch.Tensor, Extras]:
         """Predict ``[N, out_channels, H, W]`` from latents x, timesteps t and labels y.
 
         Label dropout happens in training mode (probability ``class_dropout_prob``), or exactly where
         ``force_drop_ids == 1`` when given (the trainer passes it for reproducible multi-process runs).
-        With ``return_blocks`` (0-based block indices) the result is ``(output, {i: tokens})``, the tokens
-        ``[N, T, hidden_size]`` being block i's output (what representation regularisers read).
+        With ``return_blocks`` (0-based block indices; what representation regularisers read) or
+        ``return_internal`` (the internal head's prediction, shaped like the output) the result is
+        ``(output, Extras(blocks, internal))``.
         """
         t, y = self._check_inputs(x, t, y)
         if force_drop_ids is not None and not self.y_embedder.has_null:
@@ -416,6 +392,8 @@ class DiT(nn.Module):
         if any(isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < len(self.blocks) for i in wanted):
             raise LatentDiTError(f"DiT return_blocks must be block indices in [0, {len(self.blocks) - 1}], "
                                  f"got {list(return_blocks)}")
+        if return_internal and self.internal_layer is None:
+            raise LatentDiTError("this DiT has no internal head (model.internal_block was not set)")
         h = self.x_embedder(x)
         if self.pos_embed is not None:
             h = h + self.pos_embed
@@ -423,9 +401,12 @@ class DiT(nn.Module):
         c = self.t_embedder(t) + self.y_embedder(y, self.training, force_drop_ids)
         use_ckpt = self.grad_checkpointing and torch.is_grad_enabled()
         blocks: dict[int, torch.Tensor] = {}
+        internal = None
         for i, block in enumerate(self.blocks):
             h = checkpoint(block, h, c, rope, use_reentrant=False) if use_ckpt else block(h, c, rope)
             if i in wanted:
                 blocks[i] = h
+            if return_internal and i == self.internal_block:
+                internal = self.unpatchify(self.internal_layer(h, c))
         out = self.unpatchify(self.final_layer(h, c))
-        return (out, blocks) if wanted else out
+        return (out, Extras(blocks, internal)) if wanted or return_internal else out

@@ -7,6 +7,7 @@ plumbing (:mod:`latentdit.cli.sampling`):
   halves in one batched forward), optionally inside a guidance interval and on the first k channels;
 - :mod:`~latentdit.sampling.autoguidance`: guidance by a weaker model (:class:`Guide`) instead of the
   unconditional branch;
+- :mod:`~latentdit.sampling.internal`: Internal Guidance, by the model's own internal head;
 - :mod:`~latentdit.sampling.noise`: per-sample noise seeded by (seed, sample index);
 - :mod:`~latentdit.sampling.run`: :func:`sample_latents` (one batch), :func:`sample_seeded` (in batches);
 - :mod:`~latentdit.sampling.trajectory`: x_t and x̂0 recorded through the sampler's callback;
@@ -19,6 +20,7 @@ Many-sample bookkeeping (chunk files, the ``.npz``) lives in :mod:`latentdit.sam
 from latentdit.sampling.autoguidance import Guide
 from latentdit.sampling.guidance import make_model_fn
 from latentdit.sampling.images import decode_images, decode_to_uint8, images_to_uint8, save_individual_pngs
+from latentdit.sampling.internal import has_internal_head
 from latentdit.sampling.labels import default_labels, label_text
 from latentdit.sampling.noise import per_sample_noise, sample_generator
 from latentdit.sampling.run import resolve_settings, sample_latents, sample_seeded
@@ -35,6 +37,7 @@ __all__ = [
     "decode_images",
     "decode_to_uint8",
     "default_labels",
+    "has_internal_head",
     "images_to_uint8",
     "label_text",
     "make_model_fn",

@@ -15,19 +15,21 @@ from latentdit.errors import LatentDiTError
 from latentdit.models.guidance import check_guidance_possible
 from latentdit.sampling.autoguidance import check_guide_model
 from latentdit.sampling.guidance import guidance_test, make_model_fn
+from latentdit.sampling.internal import has_internal_head
 from latentdit.sampling.noise import per_sample_noise
 from latentdit.sampling.settings import ResolvedSettings, SamplerSettings
 
 
 def resolve_settings(settings: SamplerSettings | ResolvedSettings | None, process: Process | None,
-                     in_channels: int) -> ResolvedSettings:
+                     in_channels: int, internal_head: bool = False) -> ResolvedSettings:
     """``settings`` resolved for ``process`` (None: DDPM, 1000 linear steps — released DiT); resolved
     settings are taken as they are (``process``, when given, must be the one they were resolved for)."""
     if isinstance(settings, ResolvedSettings):
         if process is not None and process is not settings.process:
             raise LatentDiTError(f"the sampler settings were resolved for {settings.process!r}, not for {process!r}")
         return settings
-    return (settings or SamplerSettings()).resolved(process if process is not None else DDPMProcess(), in_channels)
+    return (settings or SamplerSettings()).resolved(process if process is not None else DDPMProcess(), in_channels,
+                                                    internal_head=internal_head)
 
 
 @torch.no_grad()
@@ -45,7 +47,7 @@ def sample_latents(model: torch.nn.Module, labels: Sequence[int] | torch.Tensor,
     on CUDA (ignored on CPU). ``callback`` goes to the sampler (see :mod:`latentdit.diffusion.samplers`).
     """
     in_ch = int(model.in_channels)
-    settings = resolve_settings(settings, process, in_ch)
+    settings = resolve_settings(settings, process, in_ch, has_internal_head(model))
     process = settings.process
     expected = process.out_channels(in_ch, bool(model.learn_sigma))
     if expected != int(model.out_channels):
@@ -80,7 +82,9 @@ def sample_latents(model: torch.nn.Module, labels: Sequence[int] | torch.Tensor,
                              guide_at=guidance_test(process, settings.guidance_interval), dtype=dtype,
                              guide_model=guide.model if guide is not None else None,
                              guide_scale=settings.guide_scale,
-                             autoguide_at=guidance_test(process, settings.guide_interval))
+                             autoguide_at=guidance_test(process, settings.guide_interval),
+                             internal_scale=settings.internal_scale,
+                             internal_at=guidance_test(process, settings.internal_interval))
     try:
         out = SAMPLER_SPECS[settings.sampler].fn(model_fn, x_T, grid, noise=noise, callback=callback,
                                                  progress=progress)

@@ -38,6 +38,9 @@ class SamplerSettings:
     :mod:`latentdit.sampling.autoguidance`); needs a guide model at :meth:`resolved`, and a cfg scale
     of 1 (autoguidance replaces classifier-free guidance). ``guide_interval``: (LO, HI) as
     ``guidance_interval``, where the guide applies; None → every step.
+    ``internal_scale``: Internal Guidance weight w (``internal + w · (final − internal)``, see
+    :mod:`latentdit.sampling.internal`; 1 = off); needs a model with an internal head, combines with a cfg
+    scale. ``internal_interval``: (LO, HI) as ``guidance_interval``, where it applies; None → every step.
     """
 
     sampler: str | None = None
@@ -49,10 +52,14 @@ class SamplerSettings:
     ddim_map: str = "ddim"
     guide_scale: float = 1.0
     guide_interval: Sequence[float] | None = None
+    internal_scale: float = 1.0
+    internal_interval: Sequence[float] | None = None
 
-    def resolved(self, process: Process, in_channels: int, guide: Guide | None = None) -> "ResolvedSettings":
+    def resolved(self, process: Process, in_channels: int, guide: Guide | None = None,
+                 internal_head: bool = False) -> "ResolvedSettings":
         """The settings with defaults filled in for ``process`` and a model of ``in_channels`` latent
-        channels, after validating every field; ``guide``: the weaker model for autoguidance."""
+        channels, after validating every field; ``guide``: the weaker model for autoguidance;
+        ``internal_head``: whether the model has one (Internal Guidance needs it)."""
         sampler = self.sampler if self.sampler is not None else process.default_sampler
         if sampler not in SAMPLER_SPECS:
             raise LatentDiTError(f"unknown sampler {sampler!r} (--sampler); choose one of {', '.join(SAMPLERS)}")
@@ -73,19 +80,31 @@ class SamplerSettings:
         if self.ddim_map not in DDIM_MAPS:
             raise LatentDiTError(f"ddim_map (--ddim-map) must be one of {', '.join(DDIM_MAPS)}, got {self.ddim_map!r}")
         guide_scale, guide_interval = self._autoguidance(process, guide, cfg_scale)
+        internal_scale, internal_interval = self._internal_guidance(process, internal_head, guide)
         return ResolvedSettings(process=process, sampler=sampler, num_steps=steps, cfg_scale=cfg_scale,
                                 guidance_interval=interval, guided_channels=guided, time_shift=time_shift,
                                 ddim_map=self.ddim_map, guide=guide, guide_scale=guide_scale,
-                                guide_interval=guide_interval)
+                                guide_interval=guide_interval, internal_scale=internal_scale,
+                                internal_interval=internal_interval)
+
+    def _internal_guidance(self, process: Process, internal_head: bool,
+                           guide: Guide | None) -> tuple[float, tuple[float, float] | None]:
+        scale = _weight(self.internal_scale, "internal guidance scale (--internal-scale)")
+        if scale == 1.0:
+            if self.internal_interval is not None:
+                raise LatentDiTError("--internal-interval applies to internal guidance only: give --internal-scale w")
+            return scale, None
+        if not internal_head:
+            raise LatentDiTError("internal guidance (--internal-scale) needs a model trained with an internal head "
+                                 "(model.internal_block); this one has none")
+        if guide is not None:
+            raise LatentDiTError("internal guidance (--internal-scale) and autoguidance (--guide) are exclusive: "
+                                 "choose one")
+        return scale, _guidance_interval(self.internal_interval, process, "--internal-interval")
 
     def _autoguidance(self, process: Process, guide: Guide | None,
                       cfg_scale: float) -> tuple[float, tuple[float, float] | None]:
-        try:
-            scale = float(self.guide_scale)
-        except (TypeError, ValueError):
-            scale = math.nan
-        if isinstance(self.guide_scale, bool) or not math.isfinite(scale) or scale < 0:
-            raise LatentDiTError(f"guide scale (--guide-scale) must be a finite number >= 0, got {self.guide_scale!r}")
+        scale = _weight(self.guide_scale, "guide scale (--guide-scale)")
         if guide is None:
             if scale != 1.0 or self.guide_interval is not None:
                 flag = "--guide-scale" if scale != 1.0 else "--guide-interval"
@@ -118,17 +137,31 @@ class ResolvedSettings:
     guide: Guide | None = None
     guide_scale: float = 1.0
     guide_interval: tuple[float, float] | None = None
+    internal_scale: float = 1.0
+    internal_interval: tuple[float, float] | None = None
 
     def describe(self) -> str:
-        """A short label, e.g. ``heun-20, cfg 4`` or ``heun-20, autoguidance 2``."""
+        """A short label, e.g. ``heun-20, cfg 4``, ``heun-20, autoguidance 2`` or ``heun-20, cfg 1.5, internal
+        guidance 1.4``."""
         if self.guide is not None:
             return f"{self.sampler}-{self.num_steps}, autoguidance {self.guide_scale:g}"
-        return f"{self.sampler}-{self.num_steps}, cfg {self.cfg_scale:g}"
+        internal = f", internal guidance {self.internal_scale:g}" if self.internal_scale != 1.0 else ""
+        return f"{self.sampler}-{self.num_steps}, cfg {self.cfg_scale:g}{internal}"
 
     def grid(self, learn_sigma: bool) -> Any:
         """The time grid the sampler walks (see :meth:`latentdit.diffusion.base.Process.sampling_grid`)."""
         return self.process.sampling_grid(self.sampler, self.num_steps, learn_sigma, time_shift=self.time_shift,
                                           ddim_map=self.ddim_map)
+
+
+def _weight(value: Any, what: str) -> float:
+    try:
+        scale = float(value)
+    except (TypeError, ValueError):
+        scale = math.nan
+    if isinstance(value, bool) or not math.isfinite(scale) or scale < 0:
+        raise LatentDiTError(f"{what} must be a finite number >= 0, got {value!r}")
+    return scale
 
 
 def _guidance_interval(value: Any, process: Process, flag: str = "") -> tuple[float, float] | None:

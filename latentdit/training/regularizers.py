@@ -13,9 +13,15 @@ representations of chosen DiT blocks (:meth:`latentdit.models.dit.DiT.forward` w
   ``train.dispersive_distance``. It couples the samples of one micro-batch, so its value (unlike the
   per-sample losses) depends on how the global batch is split into processes and accumulation steps.
 
+- :class:`InternalLoss` (Zhou et al. 2025, Internal Guidance, arXiv 2512.24176): with ``model.internal_block``
+  the DiT has a second output head after that block; its prediction gets the same diffusion loss as the
+  final output (the same times, noise and dropped labels; no stop-gradient), weighted by
+  ``train.internal_loss_weight`` (0.5, the paper's). The trainer computes it (it needs the process).
+
 Each regulariser has a ``name`` (its column in ``metrics.jsonl``), a ``weight`` λ and the ``blocks``
 it reads; the trainer adds ``λ · value`` to the diffusion loss. :func:`build_regularizers` turns the
-``train`` section into the list (empty with every weight 0, so the default run is unchanged).
+``train`` section into the list (empty with every weight 0 and no internal head, so the default run is
+unchanged).
 """
 
 from __future__ import annotations
@@ -76,9 +82,23 @@ class Dispersive:
         return torch.logsumexp(-dist / self.tau, dim=0) - 2 * math.log(n)
 
 
-def build_regularizers(t: Any, depth: int, source: str = "config") -> list[LayerSync | Dispersive]:
-    """The regularisers the ``train`` section ``t`` switches on, for a DiT of ``depth`` blocks; a field
-    out of range raises a one-line :class:`LatentDiTError` naming it."""
+@dataclass(frozen=True)
+class InternalLoss:
+    """The internal head's diffusion loss (its value is computed by the trainer, which has the process)."""
+
+    weight: float
+    name: str = "internal"
+    blocks: tuple[int, ...] = ()
+
+
+Regularizer = LayerSync | Dispersive | InternalLoss
+
+
+def build_regularizers(t: Any, depth: int, internal_block: int | None = None,
+                       source: str = "config") -> list[Regularizer]:
+    """The regularisers the ``train`` section ``t`` switches on, for a DiT of ``depth`` blocks (with an
+    internal head after ``internal_block``, if not None); a field out of range raises a one-line
+    :class:`LatentDiTError` naming it."""
     def fail(name: str, expected: str, got: Any):
         raise field_error(source, f"train.{name}", expected, got)
 
@@ -87,8 +107,8 @@ def build_regularizers(t: Any, depth: int, source: str = "config") -> list[Layer
             fail(name, f"a block index in [0, {depth - 1}] (0-based; the model has {depth} blocks)", value)
         return value
 
-    out: list[LayerSync | Dispersive] = []
-    for name in ("layersync_weight", "dispersive_weight", "dispersive_tau"):
+    out: list[Regularizer] = []
+    for name in ("layersync_weight", "dispersive_weight", "dispersive_tau", "internal_loss_weight"):
         if not (math.isfinite(getattr(t, name)) and getattr(t, name) >= 0):
             fail(name, "a finite number >= 0", getattr(t, name))
     if t.layersync_weight > 0:
@@ -109,4 +129,12 @@ def build_regularizers(t: Any, depth: int, source: str = "config") -> list[Layer
         if t.dispersive_distance not in DISPERSIVE_DISTANCES:
             fail("dispersive_distance", f"one of {', '.join(DISPERSIVE_DISTANCES)}", t.dispersive_distance)
         out.append(Dispersive(float(t.dispersive_weight), block, float(t.dispersive_tau), t.dispersive_distance))
+    if internal_block is not None:
+        if t.internal_loss_weight <= 0:
+            fail("internal_loss_weight", "a number > 0 with model.internal_block (the head learns from it alone)",
+                 t.internal_loss_weight)
+        out.append(InternalLoss(float(t.internal_loss_weight)))
+    elif t.internal_loss_weight != type(t)().internal_loss_weight:
+        fail("internal_loss_weight", "its default unless model.internal_block gives the model an internal head",
+             t.internal_loss_weight)
     return out

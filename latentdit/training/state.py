@@ -248,7 +248,7 @@ def setup(cfg: Config, resume: str | None = None) -> TrainState:
     torch.manual_seed(t_cfg.seed)  # same initial weights on every process
     model = build_model(cfg, dataset)
     model_config = model.config
-    regularizers = tuple(build_regularizers(t_cfg, len(model.blocks)))
+    regularizers = tuple(build_regularizers(t_cfg, len(model.blocks), model.internal_block))
     run_dir = cfg.resolved_run_dir()
     ckpts = CheckpointManager(run_dir, t_cfg.keep_last, t_cfg.milestone_every)
     ckpt = resolve_resume(resume, run_dir)

@@ -29,14 +29,14 @@ import torch
 
 from latentdit.config import Config
 from latentdit.engine.runlog import RunLog
+from latentdit.models.dit import Extras
 from latentdit.training import sharding
 from latentdit.training.data import StepRandomness
-from latentdit.training.regularizers import Dispersive, LayerSync
+from latentdit.training.regularizers import InternalLoss, Regularizer
 from latentdit.training.samples import SampleGrid
 from latentdit.training.state import TrainState, check_finite, follows_budget, note_loss, save_checkpoint, setup
 
 LossHook = Callable[[int, torch.Tensor], torch.Tensor]
-Regularizer = LayerSync | Dispersive
 
 
 @dataclass
@@ -64,17 +64,27 @@ def micro_batch_terms(process, forward_model: torch.nn.Module, x0: torch.Tensor,
     kwargs: dict[str, Any] = {"y": y}
     if label_dropout:
         kwargs["force_drop_ids"] = rand.drop.to(device, non_blocking=True)
-    blocks: dict[int, torch.Tensor] = {}
+    captured: list[Extras] = []
     wanted = tuple(sorted({i for r in regularizers for i in r.blocks}))
+    internal = any(isinstance(r, InternalLoss) for r in regularizers)
 
     def capturing_model(x_t: torch.Tensor, t: torch.Tensor, **kw: Any) -> torch.Tensor:
-        out, tokens = forward_model(x_t, t, return_blocks=wanted, **kw)
-        blocks.update(tokens)
+        out, extras = forward_model(x_t, t, return_blocks=wanted, return_internal=internal, **kw)
+        captured.append(extras)
         return out
 
-    losses = process.training_losses(capturing_model if regularizers else forward_model, x0, rand.t.to(device, non_blocking=True),
-                                     noise=rand.noise.to(device, non_blocking=True), model_kwargs=kwargs)
-    return {"loss": losses["loss"].mean(), **{r.name: r(blocks) for r in regularizers}}
+    t, noise = rand.t.to(device, non_blocking=True), rand.noise.to(device, non_blocking=True)
+    losses = process.training_losses(capturing_model if regularizers else forward_model, x0, t, noise=noise,
+                                     model_kwargs=kwargs)
+    terms = {"loss": losses["loss"].mean()}
+    for r in regularizers:
+        if isinstance(r, InternalLoss):  # the same loss on the internal head's prediction of the same pass
+            head = process.training_losses(lambda *_, **__: captured[0].internal, x0, t, noise=noise,
+                                           model_kwargs=kwargs)
+            terms[r.name] = head["loss"].mean()
+        else:
+            terms[r.name] = r(captured[0].blocks)
+    return terms
 
 
 def micro_batch_loss(process, forward_model: torch.nn.Module, x0: torch.Tensor, y: torch.Tensor,
