@@ -48,13 +48,16 @@ LOGNORM = FLOW + ("diffusion.time_sampling=logit_normal",)
 @dataclass(frozen=True)
 class Recipe:
     """One training recipe: a config plus overrides, and the samplers it is scored with
-    (``(sampler, steps)``; the first is the recipe's own, the rest are the ≤ 20-step ones)."""
+    (``(sampler, steps)``; the first is the recipe's own, the rest are the ≤ 20-step ones), each with
+    every guidance variant (``(tag, extra sample_ddp.py flags)``; the untagged one is the bench's cfg scale
+    alone)."""
 
     name: str
     config: str
     overrides: tuple[str, ...]
     samplers: tuple[tuple[str, int], ...]
     what: str
+    variants: tuple[tuple[str, tuple[str, ...]], ...] = (("", ()),)
 
 
 DDPM_SAMPLERS = (("ddim", 50), ("dpm-solver", 20))
@@ -84,7 +87,15 @@ RECIPES = (
           ("layersync", ("train.layersync_weight=0.2", "train.layersync_blocks=[0,2]"),
            "LayerSync: block 0 toward stop-grad block 2, λ 0.2"),
           ("dispersive", ("train.dispersive_weight=0.25", "train.dispersive_block=0", "train.dispersive_tau=0.5"),
-           "dispersive loss on block 0, τ 0.5, λ 0.25"))),
+           "dispersive loss on block 0, τ 0.5, λ 0.25"),
+          ("wsd", ("train.lr_schedule=wsd", "train.decay_fraction=0.4"),
+           "warmup-stable-decay: linear to 0 over the last 40 % of the steps"),
+          ("power-ema", ("train.ema_sigma_rel=0.1", "train.ema_warmup=false", "train.ema_decay=0.9999"),
+           "EDM2 power-function EMA, σ_rel 0.1"))),
+    Recipe("best+internal", "configs/fashion_mnist.yaml", ("model.internal_block=1",), FLOW_SAMPLERS,
+           "the demo's recipe + an internal head after block 1 of 4 (λ 0.5), sampled plain and with Internal "
+           "Guidance w 1.4 / 2 before the cfg scale",
+           variants=(("", ()), ("ig1.4", ("--internal-scale", "1.4")), ("ig2", ("--internal-scale", "2")))),
 )
 RECIPE_NAMES = tuple(r.name for r in RECIPES)
 
@@ -172,25 +183,30 @@ class Bench:
             raise LatentDiTError(f"no checkpoint in {self.run_dir(recipe, repeat)}")
         return ckpts[-1] / "ema.safetensors"
 
-    def eval_dir(self, recipe: Recipe, repeat: int, sampler: str, steps: int) -> Path:
-        return self.run_dir(recipe, repeat) / "eval" / f"{sampler}-{steps}"
+    def eval_dir(self, recipe: Recipe, repeat: int, sampler: str, steps: int, tag: str = "") -> Path:
+        return self.run_dir(recipe, repeat) / "eval" / _eval_name(sampler, steps, tag)
 
     def finished(self, recipe: Recipe, repeat: int) -> bool:
         return (self.run_dir(recipe, repeat) / "bench-train-finished").exists()
 
-    def scored(self, recipe: Recipe, repeat: int, sampler: str, steps: int) -> bool:
-        return (self.eval_dir(recipe, repeat, sampler, steps) / "metrics.json").exists()
+    def scored(self, recipe: Recipe, repeat: int, sampler: str, steps: int, tag: str = "") -> bool:
+        return (self.eval_dir(recipe, repeat, sampler, steps, tag) / "metrics.json").exists()
 
-    def sample_and_score(self, recipe: Recipe, repeat: int, sampler: str, steps: int) -> dict:
-        folder = self.eval_dir(recipe, repeat, sampler, steps)
+    def sample_and_score(self, recipe: Recipe, repeat: int, sampler: str, steps: int, tag: str = "",
+                         flags: tuple[str, ...] = ()) -> dict:
+        folder = self.eval_dir(recipe, repeat, sampler, steps, tag)
         npz = folder / "samples.npz"
         if not npz.exists():
-            self.data._run(f"samples {recipe.name} {sampler}-{steps}", [
+            self.data._run(f"samples {recipe.name} {folder.name}", [
                 sys.executable, _tool("sample_ddp.py"), "--ckpt", str(self.checkpoint(recipe, repeat)),
                 "--num-samples", str(self.args.fid_samples), "--cfg-scale", f"{self.args.cfg_scale:g}",
                 "--sampler", sampler, "--num-steps", str(steps), "--seed", str(self.args.seed),
-                "--out-dir", str(folder)])
+                "--out-dir", str(folder), *flags])
         return self._score(npz, folder / "metrics.json")
+
+
+def _eval_name(sampler: str, steps: int, tag: str = "") -> str:
+    return f"{sampler}-{steps}" + (f"-{tag}" if tag else "")
 
 
 def main(argv=None) -> int:
@@ -227,8 +243,9 @@ def main(argv=None) -> int:
                 continue
             train = bench.train(recipe, repeat)
             samplers = recipe.samplers[1:] if args.fast_only else recipe.samplers
-            scores = {f"{s}-{n}": bench.sample_and_score(recipe, repeat, s, n) for s, n in samplers
-                      if not args.table_only or bench.scored(recipe, repeat, s, n)}
+            scores = {_eval_name(s, n, tag): bench.sample_and_score(recipe, repeat, s, n, tag, flags)
+                      for s, n in samplers for tag, flags in recipe.variants
+                      if not args.table_only or bench.scored(recipe, repeat, s, n, tag)}
             results[(recipe.name, repeat)] = {"train": train, "scores": scores}
 
     recon_kid = floors["VAE reconstructions"]["kid_mean"]
@@ -253,11 +270,12 @@ def main(argv=None) -> int:
     if args.repeats > 1:
         print("\nspread over repeats (KID x1000 min–max per recipe and sampler):")
         for recipe in recipes:
-            for s, n in recipe.samplers:
+            for name in (_eval_name(s, n, tag) for s, n in recipe.samplers for tag, _ in recipe.variants):
                 kids = [row["kid_mean"] * 1000 for row in table
-                        if row["recipe"] == recipe.name and row["sampler"] == f"{s}-{n}"]
+                        if row["recipe"] == recipe.name and row["sampler"] == name]
                 if kids:
-                    print(f"  {recipe.name:<26} {s}-{n:<10} {min(kids):.1f}–{max(kids):.1f}")
+                    print(f"  {recipe.name:<26} {name:<14} {min(kids):.1f}–{max(kids):.1f}  "
+                          f"(mean {sum(kids) / len(kids):.1f})")
     print("excess = KID x1000 above the VAE-reconstruction floor (the DiT's share of the distance)")
     print(f"total wall time {(time.time() - started) / 60:.1f} min")
     write_json(args.out / "results.json", {"floors": floors, "rows": table, "settings": {
