@@ -216,7 +216,7 @@ def main(argv=None) -> int:
     p.add_argument("--steps", type=positive_int, default=None,
                    help="train every recipe for this many steps instead of --minutes (quality per step)")
     p.add_argument("--recipes", nargs="+", choices=RECIPE_NAMES, default=list(RECIPE_NAMES), metavar="NAME",
-                   help=f"which recipes: {', '.join(RECIPE_NAMES)}")
+                   help=f"which recipes, run in this order: {', '.join(RECIPE_NAMES)}")
     p.add_argument("--repeats", type=positive_int, default=1, help="train each recipe this many times, interleaved")
     p.add_argument("--fid-samples", type=positive_int, default=1000, help="samples per evaluation (balanced labels)")
     p.add_argument("--reference-samples", type=positive_int, default=DemoSettings.reference_samples,
@@ -232,7 +232,7 @@ def main(argv=None) -> int:
         raise LatentDiTError("--minutes must be > 0: the recipes are compared at a fixed training budget")
 
     bench = Bench(args)
-    recipes = [r for r in RECIPES if r.name in args.recipes]
+    recipes = [next(r for r in RECIPES if r.name == name) for name in dict.fromkeys(args.recipes)]  # as given
     started = time.time()
     bench.prepare()
     floors = bench.floors()
