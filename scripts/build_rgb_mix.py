@@ -21,7 +21,8 @@ Output (--unseen): folders never used in training, for evaluation:
   faenza/   the Faenza icon theme, the largest PNG of each icon (symlinked duplicates removed), alpha on white
   gnome_photo/  seeded crops of the gnome-backgrounds wallpapers (as for photo/)
   (tuxpaint stamps are read straight from /usr/share/tuxpaint/stamps.)
-Only the standard library, PIL and numpy; the same seed gives the same files.
+Images are read and converted by latentdit.data.images (the reader of extraction and VAE training); the
+same seed gives the same files.
 """
 from __future__ import annotations
 
@@ -32,40 +33,23 @@ import random
 import re
 from pathlib import Path
 
-import numpy as np
 from PIL import Image
+
+from latentdit.data.images import center_crop_arr, to_rgb
 
 Image.MAX_IMAGE_PIXELS = 200_000_000
 SIZE = 256
 PHOTO_EXT = (".jpg", ".jpeg", ".png", ".webp")
 
 
-def to_rgb_white(pil: Image.Image) -> Image.Image:
-    """Alpha (and palette transparency) composited on white, as latentdit.data.images.to_rgb does."""
-    if pil.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in pil.info:
-        rgba = pil.convert("RGBA")
-        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        return Image.alpha_composite(white, rgba).convert("RGB")
-    if pil.mode in ("I", "F") or pil.mode.startswith("I;16"):
-        arr = np.asarray(pil, dtype=np.float64)
-        hi = arr.max() or 1.0
-        pil = Image.fromarray(np.clip(arr / hi * 255.0 + 0.5, 0, 255).astype(np.uint8))
-    return pil.convert("RGB")
-
-
 def center_crop(pil: Image.Image, size: int) -> Image.Image:
-    """The extraction preprocessing: box halving while short side >= 2*size, bicubic short side, centre crop."""
-    pil = to_rgb_white(pil)
-    while min(pil.size) >= 2 * size:
-        pil = pil.resize(tuple(s // 2 for s in pil.size), resample=Image.BOX)
-    scale = size / min(pil.size)
-    pil = pil.resize(tuple(max(round(s * scale), size) for s in pil.size), resample=Image.BICUBIC)
-    left, top = (pil.size[0] - size) // 2, (pil.size[1] - size) // 2
-    return pil.crop((left, top, left + size, top + size))
+    """The extraction preprocessing (latentdit.data.images): RGB on white, box halving, bicubic short side,
+    centre crop; on a square image, a resize to size x size."""
+    return Image.fromarray(center_crop_arr(to_rgb(pil), size))
 
 
 def pad_square_white(pil: Image.Image) -> Image.Image:
-    pil = to_rgb_white(pil)
+    pil = to_rgb(pil)
     w, h = pil.size
     if w == h:
         return pil
@@ -73,12 +57,6 @@ def pad_square_white(pil: Image.Image) -> Image.Image:
     canvas = Image.new("RGB", (side, side), (255, 255, 255))
     canvas.paste(pil, ((side - w) // 2, (side - h) // 2))
     return canvas
-
-
-def resize_to(pil: Image.Image, size: int) -> Image.Image:
-    while min(pil.size) >= 2 * size:
-        pil = pil.resize(tuple(s // 2 for s in pil.size), resample=Image.BOX)
-    return pil.resize((size, size), resample=Image.BICUBIC)
 
 
 def split_of(keys: list[str], val_fraction: float, seed: int, tag: str) -> set[str]:
@@ -163,7 +141,7 @@ def _pixels(p: Path) -> int:
 def photo_crops(path: Path, n: int, rng: random.Random, scales: tuple[float, ...]) -> list[Image.Image]:
     with Image.open(path) as im:
         im.load()
-        pil = to_rgb_white(im)
+        pil = to_rgb(im)
     w, h = pil.size
     short = min(w, h)
     crops = []
@@ -171,7 +149,7 @@ def photo_crops(path: Path, n: int, rng: random.Random, scales: tuple[float, ...
         side = max(SIZE // 2, int(short * scales[i % len(scales)]))
         side = min(side, short)
         x, y = rng.randint(0, w - side), rng.randint(0, h - side)
-        crops.append(resize_to(pil.crop((x, y, x + side, y + side)), SIZE))
+        crops.append(center_crop(pil.crop((x, y, x + side, y + side)), SIZE))
     return crops
 
 
@@ -208,7 +186,7 @@ def main() -> None:
         try:
             with Image.open(p) as im:
                 img = center_crop(im, SIZE)
-        except Exception as e:  # unreadable files are skipped (and counted)
+        except Exception:  # unreadable files are skipped (and counted)
             counts["skipped"] = counts.get("skipped", 0) + 1
             continue
         save(img, "val" if rel in val else "train", "clipart", safe_name(rel[:-4]))
