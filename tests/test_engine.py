@@ -66,6 +66,17 @@ def test_time_budget_bar_ends_at_max_steps_when_that_comes_first():
     assert str(bar.bar).endswith("| 1.0/10.0 min, eta 09:00, step 30")
 
 
+def test_a_resumed_budget_bar_continues_from_the_minutes_already_spent():
+    from latentdit.engine.runlog import ProgressBar
+
+    now = [0.0]
+    bar = ProgressBar(20, 400_000, 5.0, clock=lambda: now[0], file=io.StringIO(), mininterval=0, spent_s=180.0)
+    for step in range(21, 31):  # 3 minutes before the resume, 1 since: 1 minute of the budget is left
+        now[0] += 6.0
+        bar.update(step)
+    assert str(bar.bar).endswith("| 4.0/5.0 min, eta 01:00, step 30")
+
+
 def test_step_bar_without_a_budget():
     from latentdit.engine.runlog import ProgressBar
 

@@ -58,14 +58,17 @@ class ProgressBar:
 
     With a budget the bar's total is the number of minutes the run will last: the budget, or less when
     ``max_steps`` will be reached first at the step rate seen so far; the ETA is that total minus the
-    minutes spent. ``clock`` (monotonic seconds) is a test seam.
+    minutes spent, ``spent_s`` of them before this process (a resumed run continues its budget).
+    ``clock`` (monotonic seconds) is a test seam.
     """
 
     def __init__(self, start_step: int, max_steps: int, max_minutes: float, *, disable: bool = False,
-                 desc: str = "train", clock: Callable[[], float] = time.monotonic, **tqdm_kwargs: Any) -> None:
+                 desc: str = "train", clock: Callable[[], float] = time.monotonic, spent_s: float = 0.0,
+                 **tqdm_kwargs: Any) -> None:
         from tqdm.auto import tqdm
 
         self.start_step, self.max_steps, self.max_minutes = start_step, max_steps, max_minutes
+        self.spent_min = spent_s / 60
         self.clock = clock
         self.t0 = clock()
         self.step = start_step
@@ -81,11 +84,12 @@ class ProgressBar:
     def _show_budget(self, refresh: bool = False) -> None:
         from tqdm import tqdm
 
-        elapsed = (self.clock() - self.t0) / 60
+        here = (self.clock() - self.t0) / 60  # this process's minutes: its step rate
+        elapsed = self.spent_min + here
         total = self.max_minutes
         steps_done = self.step - self.start_step
-        if steps_done > 0 and elapsed > 0:  # at this step rate max_steps may come before the budget runs out
-            total = min(total, elapsed + (self.max_steps - self.step) * elapsed / steps_done)
+        if steps_done > 0 and here > 0:  # at this step rate max_steps may come before the budget runs out
+            total = min(total, elapsed + (self.max_steps - self.step) * here / steps_done)
         self.bar.total = max(total, elapsed)
         self.bar.n = min(elapsed, self.bar.total)
         eta = tqdm.format_interval(max(self.bar.total - elapsed, 0.0) * 60)
@@ -122,17 +126,19 @@ class RunLog:
 
     ``batch_size``: images per step (all processes together); ``steps_per_epoch``: adds an ``epoch``
     column when given; ``hparams``: the run's config dict, given to TensorBoard (``tensorboard=True``
-    needs an accelerator made with the TensorBoard tracker).
+    needs an accelerator made with the TensorBoard tracker); ``spent_s``: seconds of the time budget a
+    resumed run had used before (the bar continues from there).
     """
 
     def __init__(self, accelerator, run_dir: Path, *, start_step: int, max_steps: int, max_minutes: float,
                  batch_size: int, tensorboard: bool, hparams: Mapping[str, Any] | None = None,
-                 steps_per_epoch: int | None = None, desc: str = "train") -> None:
+                 steps_per_epoch: int | None = None, desc: str = "train", spent_s: float = 0.0) -> None:
         self.accelerator, self.batch_size, self.steps_per_epoch = accelerator, batch_size, steps_per_epoch
         self.tensorboard = tensorboard
         self.is_main = accelerator.is_main_process
         self.metrics_path = Path(run_dir) / METRICS_FILE
-        self.bar = ProgressBar(start_step, max_steps, max_minutes, disable=not self.is_main, desc=desc)
+        self.bar = ProgressBar(start_step, max_steps, max_minutes, disable=not self.is_main, desc=desc,
+                               spent_s=spent_s)
         if tensorboard:
             accelerator.init_trackers("tensorboard", config=flat_hparams(hparams or {}))
         self.sums: dict[str, torch.Tensor] = {}

@@ -156,7 +156,7 @@ def train(cfg: Config, resume: str | None = None, *, loss_hook: LossHook | None 
     state = setup(cfg, resume)
     log = RunLog(state.accelerator, state.run_dir, start_step=state.step, max_steps=t.max_steps,
                  max_minutes=t.max_minutes, batch_size=t.global_batch_size, tensorboard=t.tensorboard,
-                 hparams=cfg.to_dict(), steps_per_epoch=state.steps_per_epoch)
+                 hparams=cfg.to_dict(), steps_per_epoch=state.steps_per_epoch, spent_s=state.budget.elapsed_before_s)
     budget, every_step = state.budget, follows_budget(cfg)  # a time-based LR schedule measures every step
     grid = SampleGrid(cfg, state.dataset, state.model_config, state.process, state.device) \
         if t.sample_every > 0 else None
