@@ -37,9 +37,9 @@ def run_theirs(dit2d, x, t, y):
         return dit2d(x, timestep=t, class_labels=y).sample
 
 
-@pytest.mark.parametrize("learn_sigma", [True, False])
-def test_export_gives_the_same_outputs(learn_sigma):
-    model = small(learn_sigma=learn_sigma)
+@pytest.mark.parametrize("learn_sigma, internal_block", [(True, None), (False, None), (True, 0)])
+def test_export_gives_the_same_outputs(learn_sigma, internal_block):
+    model = small(learn_sigma=learn_sigma, internal_block=internal_block)  # an internal head is left out
     dit2d = to_diffusers(model)
     assert isinstance(dit2d, diffusers.DiTTransformer2DModel)
     assert dit2d.config.out_channels == model.out_channels and dit2d.config.num_embeds_ada_norm == 10

@@ -75,7 +75,10 @@ def _check_pos_embed(model: DiT) -> None:
 
 
 def to_diffusers(model: DiT) -> "DiTTransformer2DModel":
-    """A ``DiTTransformer2DModel`` computing the same function as ``model`` (float32, CPU, eval mode)."""
+    """A ``DiTTransformer2DModel`` computing the same function as ``model`` (float32, CPU, eval mode).
+
+    An internal head (``internal_block``, for Internal Guidance) has no diffusers counterpart: it is left
+    out, and the exported model computes the final output only."""
     from diffusers import DiTTransformer2DModel
 
     model = unwrap_model(model)
