@@ -33,6 +33,7 @@ from typing import Any, Mapping
 import torch
 import torch.nn.functional as F
 
+from latentdit.config import TrainConfig
 from latentdit.typed_config import field_error
 
 DISPERSIVE_DISTANCES = ("l2", "cosine")
@@ -134,7 +135,7 @@ def build_regularizers(t: Any, depth: int, internal_block: int | None = None,
             fail("internal_loss_weight", "a number > 0 with model.internal_block (the head learns from it alone)",
                  t.internal_loss_weight)
         out.append(InternalLoss(float(t.internal_loss_weight)))
-    elif t.internal_loss_weight != type(t)().internal_loss_weight:
+    elif t.internal_loss_weight != TrainConfig.internal_loss_weight:
         fail("internal_loss_weight", "its default unless model.internal_block gives the model an internal head",
              t.internal_loss_weight)
     return out
