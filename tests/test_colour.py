@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from latentdit.colour import delta_e_2000, reconstruction_delta_e, to_srgb_uint8
+from latentdit.colour import delta_e_2000, reconstruction_delta_e, srgb_to_lab, to_srgb_uint8
 from latentdit.errors import LatentDiTError
 
 
@@ -60,3 +60,33 @@ def test_bad_batches_are_refused(a, b, message):
 def test_grey_tensors_are_refused():
     with pytest.raises(LatentDiTError, match="RGB images"):
         to_srgb_uint8(torch.zeros(1, 1, 4, 4))
+
+
+# ------------------------------------------------------------------------------------------ sRGB -> CIELAB
+
+
+def test_srgb_to_lab_agrees_with_scikit_image():
+    from skimage.color import rgb2lab
+
+    g = torch.Generator().manual_seed(0)
+    images = torch.rand(3, 3, 8, 8, generator=g, dtype=torch.float64) * 2 - 1
+    images[0, :, 0, :4] = torch.tensor([[-1.0, 1.0, -1.0, -0.999]] * 3)   # black, white, one primary, near-black
+    images[0, 0, 0, 2] = 1.0
+    ours = srgb_to_lab(images).permute(0, 2, 3, 1).numpy()
+    theirs = rgb2lab(((images + 1) / 2).permute(0, 2, 3, 1).numpy())
+    np.testing.assert_allclose(ours, theirs, atol=2e-3)     # Lab units: L runs 0..100
+    np.testing.assert_allclose(ours[0, 0, 1], [100.0, 0.0, 0.0], atol=1e-2)   # white (the D65 matrix rounds)
+
+
+def test_srgb_to_lab_has_finite_gradients_at_black_white_and_beyond():
+    x = torch.tensor([-1.2, -1.0, -0.9999, 0.0, 1.0, 1.3]).repeat(3, 1).T.reshape(6, 3, 1, 1).clone()
+    x.requires_grad_(True)
+    srgb_to_lab(x).sum().backward()
+    assert torch.isfinite(x.grad).all()
+    assert x.grad[0].abs().sum() == 0 and x.grad[-1].abs().sum() == 0   # clamped outside [-1, 1]
+    assert x.grad[2].abs().sum() > 0                                      # dark colours still learn
+
+
+def test_srgb_to_lab_refuses_non_rgb_shapes():
+    with pytest.raises(LatentDiTError, match=r"CIELAB needs RGB images \[N, 3, H, W\]; got shape \(2, 1, 4, 4\)"):
+        srgb_to_lab(torch.zeros(2, 1, 4, 4))

@@ -283,6 +283,33 @@ def test_spectrum_l1_is_zero_only_for_equal_images():
     assert spectrum_l1(x + 0.5, x).item() == pytest.approx(0.5 * 8 / 64, rel=1e-5)
 
 
+def test_lab_l1_against_scikit_image_and_in_the_loss(image_folder):
+    from skimage.color import rgb2lab
+
+    from latentdit.vae.training.data import batch_for_step, step_generator
+    from latentdit.vae.training.losses import generator_loss, lab_l1
+    from latentdit.vae.training.trainer import Trainer, posterior_noise
+
+    g = torch.Generator().manual_seed(3)
+    a, b = (torch.rand(2, 3, 4, 4, generator=g) * 2 - 1 for _ in range(2))
+    lab = [rgb2lab(((t.double() + 1) / 2).permute(0, 2, 3, 1).numpy()) for t in (a, b)]
+    assert lab_l1(a, b).item() == pytest.approx(np.abs(lab[0] - lab[1]).mean() / 100, rel=1e-4)
+    assert lab_l1(a, a).item() == 0
+
+    # the term adds lab_weight x lab_l1 to the loss, with the same batch, noise and weights
+    cfgs = [tiny_cfg(image_folder, "loss.disc_weight=0", f"loss.lab_weight={w}") for w in (0, 2.5)]
+    trainer = Trainer.create(cfgs[0])
+    images, results = random_images(), []
+    for cfg in cfgs:
+        gen = step_generator(cfg, 0)
+        x = batch_for_step(images, cfg, gen)
+        results.append((x, *generator_loss(trainer.model, None, x, posterior_noise(cfg, gen), cfg, 0)))
+    (x, plain, _, parts0), (_, with_lab, recon, parts) = results
+    assert "lab" not in parts0
+    assert float(parts["lab"]) == pytest.approx(lab_l1(recon, x).item(), rel=1e-6)
+    assert with_lab.item() == pytest.approx(plain.item() + 2.5 * float(parts["lab"]), rel=1e-5)
+
+
 # ------------------------------------------------------------------------------------------ config errors
 
 
@@ -291,6 +318,8 @@ def test_config_errors_name_the_field(image_folder, tmp_path):
         load_vae_config(None, ["data.crop_size=12"])
     with pytest.raises(LatentDiTError, match="field 'loss.recon': expected one of l1, l2"):
         load_vae_config(None, ["loss.recon=l3"])
+    with pytest.raises(LatentDiTError, match="field 'loss.lab_weight': expected a finite number >= 0"):
+        load_vae_config(None, ["loss.lab_weight=-1"])
     with pytest.raises(LatentDiTError, match="unknown field 'loss.perceptual'"):
         load_vae_config(None, ["loss.perceptual=1"])
     from latentdit.vae.training.trainer import Trainer

@@ -42,11 +42,12 @@ class VAEModelConfig:
 
 @dataclass
 class VAELossConfig:
-    """Reconstruction + KL, an optional frequency term, and a PatchGAN hinge loss after ``disc_start``."""
+    """Reconstruction + KL, optional frequency and colour terms, and a PatchGAN hinge loss after ``disc_start``."""
 
     recon: str = "l1"
     kl_weight: float = 1e-6         # on the KL summed per image, relative to the summed reconstruction loss
     fft_weight: float = 0.0         # L1 between 2-D spectra (orthonormal FFT), relative to the reconstruction
+    lab_weight: float = 0.0         # L1 between CIELAB images / 100 (L's range), relative to the reconstruction
     disc_start: int = 0             # first step with the GAN term and discriminator updates
     disc_weight: float = 0.0        # 0: no discriminator; else factor on the adaptive weight
     disc_max_weight: float = 1e4    # clamp of the adaptive weight
@@ -150,6 +151,7 @@ def validate_vae_config(cfg: VAEConfig, source: str = "config") -> None:
     if lo.recon not in VAE_RECON_LOSSES:
         fail("loss.recon", f"one of {', '.join(VAE_RECON_LOSSES)}", lo.recon)
     for name, v in (("loss.kl_weight", lo.kl_weight), ("loss.fft_weight", lo.fft_weight),
+                    ("loss.lab_weight", lo.lab_weight),
                     ("loss.disc_weight", lo.disc_weight), ("loss.disc_max_weight", lo.disc_max_weight),
                     ("train.weight_decay", t.weight_decay), ("train.grad_clip", t.grad_clip),
                     ("train.max_minutes", t.max_minutes)):

@@ -28,6 +28,8 @@ def render_model_card(facts: dict[str, Any]) -> str:
     loss = f"{lo['recon'].upper()} reconstruction + {lo['kl_weight']:g} × KL (per pixel)"
     if lo["fft_weight"]:
         loss += f" + {lo['fft_weight']:g} × L1 between orthonormal 2-D spectra"
+    if lo.get("lab_weight"):
+        loss += f" + {lo['lab_weight']:g} × L1 between CIELAB values / 100"
     if lo["disc_weight"]:
         loss += (f"; from step {lo['disc_start']} a PatchGAN ({lo['disc_layers']} stride-2 layers, "
                  f"{lo['disc_channels']} channels) with hinge loss, generator term weighted "

@@ -2,6 +2,8 @@
 
 - reconstruction (L1 or L2, mean per pixel) + ``kl_weight`` × KL (summed per image, per pixel);
 - optionally ``fft_weight`` × L1 between the orthonormal 2-D spectra of reconstruction and input;
+- optionally ``lab_weight`` × L1 between their CIELAB values / 100: an error in dark or saturated colour,
+  which is small in sRGB but plain to see (black turned brown), weighs what it looks like;
 - from step ``loss.disc_start`` on, a PatchGAN discriminator with the hinge loss; its generator term is
   weighted adaptively, ``λ = disc_weight · clamp(‖∇_L rec‖ / (‖∇_L gan‖ + 1e-4), 0, disc_max_weight)``
   with ``L`` the decoder's last convolution (the weighting of the latent-diffusion autoencoders).
@@ -11,6 +13,7 @@ from __future__ import annotations
 
 import torch
 
+from latentdit.colour import srgb_to_lab
 from latentdit.vae.config import VAEConfig
 from latentdit.vae.training.networks import PatchDiscriminator, last_layer
 
@@ -36,6 +39,11 @@ def spectrum_l1(recon: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     return (torch.fft.fft2(recon.float(), norm="ortho") - torch.fft.fft2(x.float(), norm="ortho")).abs().mean()
 
 
+def lab_l1(recon: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """Mean absolute difference of the CIELAB values of ``recon`` and ``x`` (sRGB in [-1, 1]), divided by 100."""
+    return (srgb_to_lab(recon) - srgb_to_lab(x)).abs().mean() / 100
+
+
 def gan_active(cfg: VAEConfig, step: int) -> bool:
     return cfg.loss.disc_weight > 0 and step >= cfg.loss.disc_start
 
@@ -49,9 +57,13 @@ def generator_loss(model, disc: PatchDiscriminator | None, x: torch.Tensor, eps:
     err = recon - x
     rec = (err.abs() if lo.recon == "l1" else err.pow(2)).mean()
     kl = posterior.kl().mean()
-    nll = rec + (lo.fft_weight * spectrum_l1(recon, x) if lo.fft_weight else 0.0)
-    loss = nll + lo.kl_weight * kl / x[0].numel()
     parts = {"rec": rec.detach(), "kl": kl.detach()}
+    nll = rec + (lo.fft_weight * spectrum_l1(recon, x) if lo.fft_weight else 0.0)
+    if lo.lab_weight:
+        lab = lab_l1(recon, x)
+        nll = nll + lo.lab_weight * lab
+        parts["lab"] = lab.detach()
+    loss = nll + lo.kl_weight * kl / x[0].numel()
     if disc is not None and gan_active(cfg, step):
         gan = -disc(recon).mean()
         weight = lo.disc_weight * adaptive_gan_weight(nll, gan, last_layer(model), lo.disc_max_weight)
