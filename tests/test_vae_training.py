@@ -169,6 +169,23 @@ def test_resume_in_process_is_the_uninterrupted_run(image_folder, tmp_path):
     assert card["psnr_db"] == pytest.approx(read_json(tmp_path / "straight" / "vae" / "model_card.json")["psnr_db"])
 
 
+def test_resumed_run_continues_its_time_budget(image_folder, tmp_path):
+    tool = load_tool()
+    common = ["--data", str(image_folder), *TINY, "--out", str(tmp_path / "run")]
+    assert tool.main(common + ["train.steps=2"]) == 0
+    # the checkpoint says 10 minutes of training were spent: a 12-minute budget has 2 left, which the next
+    # step does not use up; a 9-minute one is spent, so the run stops after the step that noticed it
+    ckpt = tmp_path / "run" / "checkpoints" / "step-0000002"
+    state = read_json(ckpt / "state.json")
+    (ckpt / "state.json").write_text(json.dumps({**state, "train_wall_s": 600.0}))
+    assert tool.main(common + ["--resume", "train.steps=3", "--max-minutes", "12"]) == 0
+    card = read_json(tmp_path / "run" / "vae" / "model_card.json")
+    assert card["steps_done"] == 3 and not card["stopped_early"] and card["train_wall_s"] >= 600
+    assert tool.main(common + ["--resume", "train.steps=6", "--max-minutes", "9"]) == 0
+    card = read_json(tmp_path / "run" / "vae" / "model_card.json")
+    assert card["steps_done"] == 4 and card["stopped_early"]
+
+
 def test_resume_needs_a_checkpoint(image_folder, tmp_path):
     with pytest.raises(LatentDiTError, match="--resume: no checkpoint"):
         load_tool().main(["--data", str(image_folder), *TINY, "--out", str(tmp_path / "none"), "--resume"])

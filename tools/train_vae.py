@@ -31,8 +31,8 @@ def build_parser():
     p.add_argument("--image-size", type=positive_int, default=None, help="sets data.image_size")
     p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in OUT/checkpoints")
     p.add_argument("--max-minutes", type=non_negative_float, default=None,
-                   help="stop training after this many minutes (checkpoint, then export as usual; 0 = no limit); "
-                        "sets train.max_minutes")
+                   help="stop training after this many minutes of the run's training time, resumes included "
+                        "(checkpoint, then export as usual; 0 = no limit); sets train.max_minutes")
     p.add_argument("--threads", type=positive_int, default=None, help="torch intra-op threads (default: torch's choice)")
     p.add_argument("--intended-use", default="", help="model card text: what kinds of images the VAE suits")
     p.add_argument("--history", default="", help="model card text: earlier versions and their figures")

@@ -125,9 +125,11 @@ def train_vae(cfg: VAEConfig, out: Path, *, resume: bool = False, contention_not
         f"images; steps {step}..{t.steps}; {accelerator.num_processes} process(es)")
 
     preview = to_model_range(splits.val[:8])
+    # a resumed run continues its time budget (train.max_minutes counts the run's training time in all)
     run_log = RunLog(accelerator, out, start_step=step, max_steps=t.steps, max_minutes=t.max_minutes,
-                     batch_size=t.batch_size, tensorboard=t.tensorboard, hparams=cfg.to_dict(), desc="train_vae")
-    budget = TimeBudget(t.max_minutes, accelerator)
+                     batch_size=t.batch_size, tensorboard=t.tensorboard, hparams=cfg.to_dict(), desc="train_vae",
+                     spent_s=elapsed["train_wall_s"])
+    budget = TimeBudget(t.max_minutes, accelerator, elapsed_s=elapsed["train_wall_s"])
     t0, c0 = time.time(), time.process_time()
 
     def times() -> dict[str, float]:
