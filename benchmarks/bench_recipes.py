@@ -92,6 +92,16 @@ RECIPES = (
            "warmup-stable-decay: linear to 0 over the last 40 % of the steps"),
           ("power-ema", ("train.ema_sigma_rel=0.1", "train.ema_warmup=false", "train.ema_decay=0.9999"),
            "EDM2 power-function EMA, σ_rel 0.1"))),
+    # the model size, batch and learning rate for the budget (DiT-T/2: depth 4, width 128, 4 heads, batch 64,
+    # lr 1e-3): a smaller model takes more steps in the same minutes, a larger one learns more per step
+    *(Recipe(f"best+{tag}", "configs/fashion_mnist.yaml", overrides, FLOW_SAMPLERS, f"the demo's recipe, {what}")
+      for tag, overrides, what in (
+          ("depth2", ("model.depth=2",), "depth 2 (half the compute per step)"),
+          ("depth6", ("model.depth=6",), "depth 6 (1.5x the compute per step)"),
+          ("width192", ("model.hidden_size=192", "model.num_heads=6"), "width 192, 6 heads (about 2x the compute)"),
+          ("batch128", ("train.global_batch_size=128",), "batch 128 (half the steps)"),
+          ("batch32", ("train.global_batch_size=32",), "batch 32 (twice the steps)"),
+          ("lr2e-3", ("train.lr=2e-3",), "lr 2e-3"))),
     Recipe("best+internal", "configs/fashion_mnist.yaml", ("model.internal_block=1",), FLOW_SAMPLERS,
            "the demo's recipe + an internal head after block 1 of 4 (λ 0.5), sampled plain and with Internal "
            "Guidance w 1.4 / 2 before the cfg scale",
