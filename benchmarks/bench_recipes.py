@@ -11,6 +11,10 @@ DiT can score with this VAE), so each row says how much of its distance is the D
     python benchmarks/bench_recipes.py --minutes 15 --recipes eps flow best
     python benchmarks/bench_recipes.py --repeats 2                  # run the list twice, interleaved
     python benchmarks/bench_recipes.py --steps 2500 --repeats 2     # a fixed number of steps instead
+    # an image folder, with the protocol of `tools/demo.py --data` (its split, floors, configs/clipart.yaml,
+    # labels in the training proportions): the rows built on the demo's recipe (best, best+...)
+    python benchmarks/bench_recipes.py --data /usr/share/openclipart/png --out bench_clipart --fid-samples 300 \
+        --cfg-scale 3 --recipes best best+internal
 
 With ``--minutes`` every recipe gets the same wall-clock budget (quality per compute, the machine's speed
 included); with ``--steps`` the same number of steps (quality per step, independent of the machine's load),
@@ -38,7 +42,8 @@ from latentdit.errors import LatentDiTError
 from latentdit.io import atomic_path, read_json, write_json
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
-from demo import REPO_ROOT, Demo, DemoSettings, _accelerate_launch, _tool  # noqa: E402  (tools/demo.py)
+import demo_folder  # noqa: E402  (tools/demo_folder.py)
+from demo import DEMO_CONFIG, FOLDER_CONFIG, REPO_ROOT, Demo, DemoSettings, _accelerate_launch, _tool  # noqa: E402
 
 EPS = "configs/fashion_mnist_eps.yaml"
 FLOW = ("diffusion.process=flow", "model.learn_sigma=false")
@@ -122,11 +127,25 @@ class Bench:
         self.out: Path = args.out
         self.shared = dict(data_dir=self.out / "data", fid_samples=args.fid_samples,
                            reference_samples=args.reference_samples, extract_limit=args.extract_limit,
-                           cfg_scales=(args.cfg_scale,), seed=args.seed)
+                           cfg_scales=(args.cfg_scale,), seed=args.seed, data=args.data)
         self.data = Demo(DemoSettings(out=self.out / "data", **self.shared))
 
+    @property
+    def folder(self) -> bool:
+        return self.data.folder is not None
+
+    def config(self, recipe: Recipe) -> Path:
+        """The recipe's config; on an image folder the demo's recipe becomes the folder recipe."""
+        path = REPO_ROOT / recipe.config
+        if not self.folder:
+            return path
+        if path != DEMO_CONFIG:
+            raise LatentDiTError(f"--data: recipe {recipe.name} is not built on the demo's recipe; on an image "
+                                 "folder only best and best+... apply (they train configs/clipart.yaml)")
+        return FOLDER_CONFIG
+
     def prepare(self) -> None:
-        self.data.run(["extract", "reference"])
+        self.data.run(["split", "extract", "reference", "floors"] if self.folder else ["extract", "reference"])
 
     def _score(self, npz: Path, json_path: Path) -> dict:
         if not json_path.exists():
@@ -137,10 +156,14 @@ class Bench:
     # -- floors ------------------------------------------------------------------------------------
     def floors(self) -> dict[str, dict]:
         """Real held-out training images (never extracted: taken from the end of the split) and the
-        VAE's reconstructions of the same images, scored like the samples."""
+        VAE's reconstructions of the same images, scored like the samples; on an image folder the demo's
+        floors (a seeded draw of training images and their reconstructions)."""
         from latentdit.vae import VAE
         from latentdit.data.fashion_mnist import FashionMNIST
 
+        if self.folder:
+            return {name: self._score(path, path.parent / "metrics.json")
+                    for name, path in demo_folder.floor_paths(self.data.out / "floors").items()}
         folder = self.out / "floors"
         real, recon = folder / "real" / "samples.npz", folder / "reconstructions" / "samples.npz"
         if not recon.exists():
@@ -175,9 +198,10 @@ class Bench:
                   else [f"train.max_minutes={self.args.minutes:g}"])
         if not done.exists():
             cmd = _accelerate_launch() + [
-                _tool("train.py"), "--config", str(REPO_ROOT / recipe.config), "--resume", "auto",
+                _tool("train.py"), "--config", str(self.config(recipe)), "--resume", "auto",
                 f"data.latents={self.data.latents_dir}", f"train.run_dir={run}", *budget, "data.flip=false",
-                f"train.seed={self.args.seed + repeat}", "train.sample_every=0", *recipe.overrides]
+                f"train.seed={self.args.seed + repeat}", "train.sample_every=0", *self.data.folder_overrides(),
+                *recipe.overrides]
             self.data._run(f"train {recipe.name} (repeat {repeat})", cmd)
             done.write_text("finished\n")
         state = read_json(self.checkpoint(recipe, repeat).parent / "state.json", "checkpoint state")
@@ -211,7 +235,7 @@ class Bench:
                 sys.executable, _tool("sample_ddp.py"), "--ckpt", str(self.checkpoint(recipe, repeat)),
                 "--num-samples", str(self.args.fid_samples), "--cfg-scale", f"{self.args.cfg_scale:g}",
                 "--sampler", sampler, "--num-steps", str(steps), "--seed", str(self.args.seed),
-                "--out-dir", str(folder), *flags])
+                "--labels", self.data.label_mode, "--out-dir", str(folder), *flags])
         return self._score(npz, folder / "metrics.json")
 
 
@@ -228,9 +252,12 @@ def main(argv=None) -> int:
     p.add_argument("--recipes", nargs="+", choices=RECIPE_NAMES, default=list(RECIPE_NAMES), metavar="NAME",
                    help=f"which recipes, run in this order: {', '.join(RECIPE_NAMES)}")
     p.add_argument("--repeats", type=positive_int, default=1, help="train each recipe this many times, interleaved")
-    p.add_argument("--fid-samples", type=positive_int, default=1000, help="samples per evaluation (balanced labels)")
+    p.add_argument("--data", type=Path, default=None,
+                   help="an image folder instead of Fashion-MNIST, split and scored as tools/demo.py --data does")
+    p.add_argument("--fid-samples", type=positive_int, default=1000,
+                   help="samples per evaluation (balanced labels; on --data in the training proportions)")
     p.add_argument("--reference-samples", type=positive_int, default=DemoSettings.reference_samples,
-                   help="held-out test images (the reference set)")
+                   help="held-out test images (the reference set; on --data all held-out images)")
     p.add_argument("--extract-limit", type=positive_int, default=DemoSettings.extract_limit)
     p.add_argument("--cfg-scale", type=non_negative_float, default=1.5)
     p.add_argument("--fast-only", action="store_true", help="score only the ≤ 20-step samplers (saves Inception time)")
@@ -243,6 +270,8 @@ def main(argv=None) -> int:
 
     bench = Bench(args)
     recipes = [next(r for r in RECIPES if r.name == name) for name in dict.fromkeys(args.recipes)]  # as given
+    for recipe in recipes:
+        bench.config(recipe)  # refused before anything runs
     started = time.time()
     bench.prepare()
     floors = bench.floors()
@@ -260,9 +289,13 @@ def main(argv=None) -> int:
 
     recon_kid = floors["VAE reconstructions"]["kid_mean"]
     budget = f"{args.steps} steps" if args.steps else f"{args.minutes:g} min"
-    header = (f"\nrecipes at {budget} of training each (DiT-T/2, Fashion-MNIST 64², "
-              f"{args.extract_limit} training latents); {args.fid_samples} samples per row (balanced labels, "
-              f"cfg {args.cfg_scale:g}) vs {args.reference_samples} held-out test images; "
+    if bench.folder:
+        data = f"{args.data}, {FOLDER_CONFIG.name}"
+        protocol = f"labels in the training proportions, cfg {args.cfg_scale:g}) vs the folder's held-out images"
+    else:
+        data = f"Fashion-MNIST 64², {args.extract_limit} training latents"
+        protocol = f"balanced labels, cfg {args.cfg_scale:g}) vs {args.reference_samples} held-out test images"
+    header = (f"\nrecipes at {budget} of training each ({data}); {args.fid_samples} samples per row ({protocol}; "
               f"machine: {platform.machine()}, {torch.get_num_threads()} threads")
     print(header)
     print(f"{'row':<28} {'sampler':<14} {'steps':>6} {'img/s':>7} {'FID':>8} {'KID x1000':>15} {'excess':>7}")

@@ -299,11 +299,16 @@ class Demo:
         own = [f"data.latents={self.latents_dir}", f"train.run_dir={self.run_dir}",
                f"train.max_minutes={self.s.train_minutes:g}", f"data.flip={str(self.s.flip).lower()}",
                f"train.seed={self.s.seed}"]
+        return own + self.folder_overrides() + list(self.s.train_overrides)
+
+    def folder_overrides(self) -> list[str]:
+        """What training on an image folder changes in its recipe (nothing for Fashion-MNIST)."""
+        own = []
         if self.folder:  # the recipe keeps every checkpoint; the demo needs its last one only
             own.append("train.keep_last=2")
         if self.flat:  # one class: nothing for a label (or its dropout) to carry, so no null class either
             own.append("model.class_dropout_prob=0")
-        return own + list(self.s.train_overrides)
+        return own
 
     def stage_grid(self) -> None:
         cmd = [sys.executable, _tool("sample.py"), "--ckpt", str(self.checkpoint()),
