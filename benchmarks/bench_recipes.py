@@ -158,12 +158,12 @@ class Bench:
         """Real held-out training images (never extracted: taken from the end of the split) and the
         VAE's reconstructions of the same images, scored like the samples; on an image folder the demo's
         floors (a seeded draw of training images and their reconstructions)."""
-        from latentdit.vae import VAE
-        from latentdit.data.fashion_mnist import FashionMNIST
-
         if self.folder:
             return {name: self._score(path, path.parent / "metrics.json")
                     for name, path in demo_folder.floor_paths(self.data.out / "floors").items()}
+        from latentdit.vae import VAE
+        from latentdit.data.fashion_mnist import FashionMNIST
+
         folder = self.out / "floors"
         real, recon = folder / "real" / "samples.npz", folder / "reconstructions" / "samples.npz"
         if not recon.exists():

@@ -32,7 +32,7 @@ def srgb_to_lab(images: torch.Tensor) -> torch.Tensor:
     if images.ndim != 4 or images.shape[1] != 3:
         raise LatentDiTError(f"CIELAB needs RGB images [N, 3, H, W]; got shape {tuple(images.shape)}")
     srgb = ((images.float() + 1) * 0.5).clamp(0, 1)
-    linear = torch.where(srgb > 0.04045, ((srgb + 0.055) / 1.055).clamp_min(1e-12) ** 2.4, srgb / 12.92)
+    linear = torch.where(srgb > 0.04045, ((srgb + 0.055) / 1.055) ** 2.4, srgb / 12.92)
     matrix = torch.tensor(_RGB_TO_XYZ, dtype=linear.dtype, device=linear.device)
     white = torch.tensor(_WHITE_D65, dtype=linear.dtype, device=linear.device)
     xyz = torch.einsum("ij,njhw->nihw", matrix, linear) / white[None, :, None, None]

@@ -2,8 +2,8 @@
 
 - reconstruction (L1 or L2, mean per pixel) + ``kl_weight`` × KL (summed per image, per pixel);
 - optionally ``fft_weight`` × L1 between the orthonormal 2-D spectra of reconstruction and input;
-- optionally ``lab_weight`` × L1 between their CIELAB values / 100: an error in dark or saturated colour,
-  which is small in sRGB but plain to see (black turned brown), weighs what it looks like;
+- optionally ``lab_weight`` × L1 between their CIELAB values / 100: distances in CIELAB follow what the eye
+  sees, where an L1 on sRGB counts a change of hue like any other change of the same size;
 - from step ``loss.disc_start`` on, a PatchGAN discriminator with the hinge loss; its generator term is
   weighted adaptively, ``λ = disc_weight · clamp(‖∇_L rec‖ / (‖∇_L gan‖ + 1e-4), 0, disc_max_weight)``
   with ``L`` the decoder's last convolution (the weighting of the latent-diffusion autoencoders).
