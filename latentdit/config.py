@@ -20,6 +20,7 @@ from latentdit import typed_config
 from latentdit.errors import LatentDiTError
 
 MIXED_PRECISION_CHOICES = ("no", "bf16", "fp16")
+OPTIMIZERS = ("adamw", "muon")
 
 
 @dataclass
@@ -87,6 +88,10 @@ class TrainConfig:
     weight_decay: float = 0.0
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
     adam_eps: float = 1e-8
+    # adamw | muon: Muon (orthogonalised momentum, muon_momentum) for the attention and MLP matrices of the
+    # transformer blocks, AdamW (betas, adam_eps) for the rest; lr means the same for both
+    optimizer: str = "adamw"
+    muon_momentum: float = 0.95
     warmup_steps: int = 0
     # after the warm-up: constant | cosine (to min_lr_ratio·lr at the end of the run) | wsd (constant, then
     # linear to min_lr_ratio·lr over the last decay_fraction of the run). The run's length is max_steps, or
@@ -243,6 +248,13 @@ def validate_config(cfg: Config, source: str = "config") -> None:
             fail(f"train.{name}", "a finite number >= 0", v)
     if t.lr <= 0:
         fail("train.lr", "a number > 0", t.lr)
+    if t.optimizer not in OPTIMIZERS:
+        fail("train.optimizer", f"one of {', '.join(OPTIMIZERS)}", t.optimizer)
+    if t.optimizer == "muon" and t.fsdp:
+        fail("train.optimizer", "adamw with train.fsdp=true (Muon orthogonalises whole matrices, FSDP shards them)",
+             t.optimizer)
+    if not 0.0 <= t.muon_momentum < 1.0:
+        fail("train.muon_momentum", "a number in [0, 1)", t.muon_momentum)
     if len(t.betas) != 2 or not all(0.0 <= b < 1.0 for b in t.betas):
         fail("train.betas", "two numbers in [0, 1), e.g. [0.9, 0.999]", t.betas)
     if t.ema_sigma_rel != 0 and t.ema_warmup:

@@ -117,6 +117,11 @@ def test_fsdp_refuses_fp16_but_takes_bf16():
     assert load_config(None, ["train.fsdp=true", "train.mixed_precision=bf16"]).train.fsdp
 
 
+def test_fsdp_refuses_muon():
+    with pytest.raises(LatentDiTError, match=r"train\.optimizer.*adamw with train\.fsdp=true.*'muon'"):
+        load_config(None, ["train.fsdp=true", "train.optimizer=muon"])
+
+
 def test_missing_and_invalid_files(tmp_path):
     with pytest.raises(LatentDiTError, match="config file not found"):
         load_config(tmp_path / "nope.yaml")

@@ -3,6 +3,7 @@ the resume config check, the time budget, the run log and its progress bar."""
 
 from __future__ import annotations
 
+import copy
 import io
 import json
 import math
@@ -14,7 +15,7 @@ import torch
 
 from latentdit.engine.budget import TimeBudget
 from latentdit.engine.checkpoint import CheckpointManager, config_differences
-from latentdit.engine.optim import build_adamw
+from latentdit.engine.optim import MuonAdamW, build_adamw, build_muon, orthogonalize
 from latentdit.engine.schedule import check_schedule, lr_at, lr_scheduler
 from latentdit.errors import LatentDiTError
 
@@ -176,6 +177,91 @@ def test_optimizer_spares_norms_biases_and_embeddings_from_weight_decay():
     model[2].weight.requires_grad_(False)
     (group,) = build_adamw(model, 1e-3).param_groups
     assert len(group["params"]) == 4 and group["weight_decay"] == 0.0
+
+
+@pytest.mark.parametrize("shape", [(48, 16), (16, 48), (32, 32)])
+def test_orthogonalize_approximates_the_polar_factor(shape):
+    g = torch.Generator().manual_seed(0)
+    m = torch.randn(*shape, generator=g) @ torch.diag(torch.logspace(-0.5, 0.5, shape[1]))  # unequal scales
+    o = orthogonalize(m)
+    assert o.shape == m.shape
+    s = torch.linalg.svdvals(o)
+    assert s.min() > 0.5 and s.max() < 1.3  # the quintic's band around 1, not exactly 1 (by design)
+    u, _, vh = torch.linalg.svd(m.double(), full_matrices=False)
+    polar = (u @ vh).float()
+    cos = (o * polar).sum() / (o.norm() * polar.norm())
+    assert cos > 0.9
+
+
+def _two_layer():
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Embedding(5, 8), torch.nn.Linear(8, 16), torch.nn.LayerNorm(16),
+                               torch.nn.GELU(), torch.nn.Linear(16, 8))
+
+
+def _run(model, opt, steps=4):
+    g = torch.Generator().manual_seed(1)
+    for _ in range(steps):
+        opt.zero_grad()
+        x = model[0](torch.randint(0, 5, (64,), generator=g)) + torch.randn(64, 8, generator=g)  # full-rank grads
+        loss = model[1:](x).pow(2).mean()
+        loss.backward()
+        opt.step()
+
+
+def test_muon_adamw_without_matrices_is_torch_adamw():
+    ours, theirs = _two_layer(), _two_layer()
+    opt = build_muon(ours, [], 1e-2, weight_decay=0.1, betas=(0.8, 0.99))
+    decayed = [theirs[1].weight, theirs[4].weight]
+    ref = torch.optim.AdamW([{"params": decayed},
+                             {"params": [p for p in theirs.parameters() if all(p is not q for q in decayed)],
+                              "weight_decay": 0.0}], lr=1e-2, betas=(0.8, 0.99), weight_decay=0.1, foreach=False)
+    _run(ours, opt)
+    _run(theirs, ref)
+    for (name, p), q in zip(ours.named_parameters(), theirs.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-7, msg=name)
+    # decay spares the embedding, the biases and the norm
+    assert sorted((g["muon"], g["weight_decay"], len(g["params"])) for g in opt.param_groups) == [
+        (False, 0.0, 5), (False, 0.1, 2)]
+
+
+def test_muon_half_matches_torch_muon():
+    """Muon's matrices against torch's Muon with the AdamW-matched scale, which orthogonalises in bfloat16
+    (ours: float32), so the updates agree to a few per cent. (The gradients are full-rank: bfloat16's
+    rounding in a gradient's null space is what the iteration would amplify.)"""
+    ours, theirs = _two_layer(), _two_layer()
+    for model in (ours, theirs):
+        for p in (*model[0].parameters(), model[1].bias, *model[2].parameters(), model[4].bias):
+            p.requires_grad_(False)
+    before = [p.detach().clone() for p in theirs.parameters()]
+    opt = build_muon(ours, [ours[1].weight, ours[4].weight], 1e-2, weight_decay=0.1, momentum=0.9)
+    assert [(g["muon"], len(g["params"])) for g in opt.param_groups] == [(True, 2)]
+    ref = torch.optim.Muon([theirs[1].weight, theirs[4].weight], lr=1e-2, weight_decay=0.1, momentum=0.9,
+                           nesterov=True, adjust_lr_fn="match_rms_adamw")
+    _run(ours, opt)
+    _run(theirs, ref)
+    for (name, p), q, p0 in zip(ours.named_parameters(), theirs.parameters(), before):
+        delta, expected = p.detach() - p0, q.detach() - p0
+        if name in ("1.weight", "4.weight"):
+            assert expected.norm() > 0 and (delta - expected).norm() / expected.norm() < 0.05, name
+        else:
+            assert not delta.any() and not expected.any(), name
+
+
+def test_muon_groups_take_matrices_only_and_resume_from_the_state_dict():
+    model = _two_layer()
+    with pytest.raises(LatentDiTError, match="2-D weight matrices only"):
+        MuonAdamW([{"params": [model[1].bias], "muon": True}], 1e-3)
+    a = build_muon(model, [model[1].weight, model[4].weight], 1e-3)
+    _run(model, a, steps=2)
+    twin = _two_layer()
+    twin.load_state_dict(model.state_dict())
+    b = build_muon(twin, [twin[1].weight, twin[4].weight], 1e-3)
+    b.load_state_dict(copy.deepcopy(a.state_dict()))  # as from a file: no shared buffers
+    _run(model, a, steps=2)
+    _run(twin, b, steps=2)
+    for p, q in zip(model.parameters(), twin.parameters()):
+        assert torch.equal(p, q)
 
 
 def test_config_differences_leave_out_the_resumable_fields():

@@ -42,7 +42,8 @@ def stop_at(step: int):
 # ----------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("schedule", [["train.lr_schedule=cosine"],
-                                      ["train.lr_schedule=wsd", "train.decay_fraction=0.5"]])
+                                      ["train.lr_schedule=wsd", "train.decay_fraction=0.5"],
+                                      ["train.lr_schedule=cosine", "train.optimizer=muon"]])
 def test_step_schedules_log_their_rates_and_resume_exactly(latents, tmp_path, schedule):
     extra = [*schedule, "train.max_steps=6", "train.warmup_steps=2", "train.min_lr_ratio=0.1"]
     full = tmp_path / "full"
@@ -59,6 +60,26 @@ def test_step_schedules_log_their_rates_and_resume_exactly(latents, tmp_path, sc
     assert result.step == 6
     assert_same_losses(full, part, 6, rel=1e-6, abs=1e-7)
     assert [r["lr"] for r in metric_rows(part)] == [r["lr"] for r in metric_rows(full)]
+
+
+@pytest.mark.parametrize("mlp", ["gelu", "swiglu"])
+def test_muon_takes_the_attention_and_mlp_matrices_of_the_blocks(mlp):
+    from latentdit.config import TrainConfig
+    from latentdit.models.dit import DiT
+    from latentdit.training.state import build_optimizer
+
+    model = DiT(input_size=8, hidden_size=32, depth=2, num_heads=2, num_classes=3, learn_sigma=False, mlp=mlp,
+                internal_block=0)
+    opt = build_optimizer(model, TrainConfig(optimizer="muon", lr=1e-3), torch.device("cpu"))
+    names = {id(p): n for n, p in model.named_parameters()}
+    muon = sorted(names[id(p)] for g in opt.param_groups if g["muon"] for p in g["params"])
+    per_block = ["attn.proj.weight", "attn.qkv.weight"] + (
+        ["mlp.fc1.weight", "mlp.fc2.weight"] if mlp == "gelu" else
+        ["mlp.fc1_g.weight", "mlp.fc1_x.weight", "mlp.fc2.weight"])
+    assert muon == [f"blocks.{b}.{n}" for b in range(2) for n in per_block]
+    rest = [names[id(p)] for g in opt.param_groups if not g["muon"] for p in g["params"]]
+    assert len(rest) + len(muon) == sum(p.requires_grad for p in model.parameters())
+    assert "blocks.0.adaLN_modulation.1.weight" in rest and "internal_layer.linear.weight" in rest
 
 
 # ----------------------------------------------------------------------------------------------
@@ -159,6 +180,8 @@ def test_resized_model_is_recorded_and_rebuilt(latents, tmp_path):
     ("train.lr_schedule=linear", "train.lr_schedule: expected one of constant, cosine, wsd"),
     ("train.ema_sigma_rel=0.5", "train.ema_sigma_rel: expected 0 (off) or a number in (0, 0.2887), got 0.5"),
     ("train.ema_decay=1.5", "train.ema_decay: expected a number in [0, 1], got 1.5"),
+    ("train.optimizer=sgd", "field 'train.optimizer': expected one of adamw, muon, got 'sgd'"),
+    ("train.muon_momentum=1", "field 'train.muon_momentum': expected a number in [0, 1), got 1"),
 ])
 def test_train_tool_refuses_a_bad_field_before_reading_latents(tmp_path, capsys, override, message):
     cfg = write_yaml_cfg(tmp_path / "c.yaml", tmp_path / "no-latents-here", ema_decay=0.9999)

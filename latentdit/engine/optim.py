@@ -1,11 +1,15 @@
-"""The optimizer of both trainers: AdamW, with no weight decay on norms, biases and embeddings."""
+"""The optimizers: AdamW for both trainers, with no weight decay on norms, biases and embeddings; and Muon
+for the weight matrices of a DiT's blocks beside AdamW for its other parameters (:class:`MuonAdamW`)."""
 
 from __future__ import annotations
 
-from typing import Sequence
+import math
+from typing import Iterable, Sequence
 
 import torch
 from torch import nn
+
+from latentdit.errors import LatentDiTError
 
 
 def no_decay_parameters(model: nn.Module) -> set[int]:
@@ -34,3 +38,99 @@ def build_adamw(model: nn.Module, lr: float, *, weight_decay: float = 0.0, betas
                   {"params": [p for p in trainable if id(p) in exempt], "weight_decay": 0.0}]
     return torch.optim.AdamW(params, lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay,
                              fused=torch.device(device).type in ("cpu", "cuda"))
+
+
+# Newton–Schulz quintic coefficients of Muon (Jordan et al. 2024): five steps take every singular value of
+# the normalised momentum to roughly [0.7, 1.2], fast, instead of exactly to 1
+NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)
+NS_STEPS = 5
+# Muon's orthogonal update has an RMS of 1/sqrt(max(rows, cols)); scaling it to 0.2·sqrt(max) gives AdamW's
+# typical update RMS of about 0.2·lr, so one learning rate serves both halves (Liu et al. 2025, "Muon is
+# scalable for LLM training")
+MUON_RMS = 0.2
+
+
+def orthogonalize(m: torch.Tensor, steps: int = NS_STEPS, eps: float = 1e-7) -> torch.Tensor:
+    """The matrix nearest to ``m``'s polar factor ``U Vᵀ`` that ``steps`` Newton–Schulz iterations reach
+    (float32; the iteration works on the wide orientation, so the Gram matrix is the small one)."""
+    a, b, c = NS_COEFFICIENTS
+    x = m.float()
+    tall = x.shape[0] > x.shape[1]
+    if tall:
+        x = x.T
+    x = x / x.norm().clamp(min=eps)  # spectral norm <= Frobenius norm <= 1: inside the iteration's basin
+    for _ in range(steps):
+        gram = x @ x.T
+        x = a * x + (b * gram + c * gram @ gram) @ x
+    return x.T if tall else x
+
+
+class MuonAdamW(torch.optim.Optimizer):
+    """Muon for the hidden weight matrices and AdamW for every other parameter, as one optimizer (one
+    schedule, one state dict, one ``step``).
+
+    A group with ``muon=True`` holds 2-D parameters; each step keeps a momentum buffer ``B ← μB + g`` and
+    moves the weight along the orthogonalised Nesterov direction ``g + μB`` (:func:`orthogonalize`), scaled
+    by ``0.2·sqrt(max(rows, cols))`` so that the learning rate means what it means for AdamW. The other
+    groups take the AdamW step (decoupled weight decay, bias-corrected moments). Weight decay is decoupled
+    in both and scaled by the learning rate.
+    """
+
+    def __init__(self, params, lr: float, *, betas: Sequence[float] = (0.9, 0.999), eps: float = 1e-8,
+                 weight_decay: float = 0.0, momentum: float = 0.95) -> None:
+        defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, momentum=momentum,
+                        muon=False)
+        super().__init__(params, defaults)
+        for group in self.param_groups:
+            if group["muon"] and any(p.ndim != 2 for p in group["params"]):
+                raise LatentDiTError("MuonAdamW: a muon group may hold 2-D weight matrices only")
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            lr, wd = group["lr"], group["weight_decay"]
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                g, state = p.grad, self.state[p]
+                if wd:
+                    p.mul_(1.0 - lr * wd)
+                if group["muon"]:
+                    mu = group["momentum"]
+                    buf = state.setdefault("momentum_buffer", torch.zeros_like(p))
+                    buf.mul_(mu).add_(g)
+                    update = orthogonalize(g.add(buf, alpha=mu)).to(p.dtype)
+                    p.add_(update, alpha=-lr * MUON_RMS * math.sqrt(max(p.shape)))
+                    continue
+                beta1, beta2 = group["betas"]
+                if not state:
+                    state["step"] = torch.zeros((), dtype=torch.float32)
+                    state["exp_avg"] = torch.zeros_like(p)
+                    state["exp_avg_sq"] = torch.zeros_like(p)
+                state["step"] += 1
+                n = float(state["step"])
+                state["exp_avg"].lerp_(g, 1.0 - beta1)
+                state["exp_avg_sq"].mul_(beta2).addcmul_(g, g, value=1.0 - beta2)
+                denom = (state["exp_avg_sq"].sqrt() / math.sqrt(1.0 - beta2 ** n)).add_(group["eps"])
+                p.addcdiv_(state["exp_avg"], denom, value=-lr / (1.0 - beta1 ** n))
+        return loss
+
+
+def build_muon(model: nn.Module, muon_params: Iterable[nn.Parameter], lr: float, *, weight_decay: float = 0.0,
+               betas: Sequence[float] = (0.9, 0.999), eps: float = 1e-8, momentum: float = 0.95) -> MuonAdamW:
+    """:class:`MuonAdamW` over the trainable parameters of ``model``: Muon for ``muon_params`` (2-D
+    weights), AdamW for the rest; weight decay spares the :func:`no_decay_parameters` as in
+    :func:`build_adamw`."""
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    muon = {id(p) for p in muon_params}
+    exempt = no_decay_parameters(model)
+    groups = [{"params": [p for p in trainable if id(p) in muon], "muon": True, "weight_decay": weight_decay},
+              {"params": [p for p in trainable if id(p) not in muon and id(p) not in exempt],
+               "weight_decay": weight_decay},
+              {"params": [p for p in trainable if id(p) not in muon and id(p) in exempt], "weight_decay": 0.0}]
+    return MuonAdamW([g for g in groups if g["params"]], lr, betas=betas, eps=eps, weight_decay=weight_decay,
+                     momentum=momentum)

@@ -1,11 +1,12 @@
 """What a training run is made of, built once: :class:`TrainState` and :func:`setup`, and its checkpoints.
 
-:func:`setup` checks everything a user can get wrong before it writes anything, then builds the
-accelerator, the latent dataset, the DiT, the training process (``diffusion.process``), AdamW with
-its LR schedule (``train.lr_schedule``), the time budget, the EMA and the data loader, and restores all
-of them from a checkpoint when resuming (a time-bounded run continues its budget: the checkpoint holds
-the training time used, ``elapsed_s``, which a time-based LR schedule also follows). :func:`save_checkpoint` writes the run's state so that a resumed run repeats an
-uninterrupted one step for step (see :mod:`latentdit.training.checkpoint` for the layout).
+:func:`setup` checks everything a user can get wrong before it writes anything, then builds the accelerator,
+the latent dataset, the DiT, the training process (``diffusion.process``), the optimizer (``train.optimizer``)
+with its LR schedule (``train.lr_schedule``), the time budget, the EMA and the data loader, and restores all
+of them from a checkpoint when resuming (a time-bounded run continues its budget: the checkpoint holds the
+training time used, ``elapsed_s``, which a time-based LR schedule also follows). :func:`save_checkpoint`
+writes the run's state so that a resumed run repeats an uninterrupted one step for step (see
+:mod:`latentdit.training.checkpoint` for the layout).
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from latentdit.engine.budget import TimeBudget
 from latentdit.engine.checkpoint import (
     OPTIMIZER_FILE, SCHEDULER_FILE, CheckpointManager, resolve_resume, restore_rng_state,
 )
-from latentdit.engine.optim import build_adamw
+from latentdit.engine.optim import build_adamw, build_muon
 from latentdit.engine.runlog import METRICS_FILE, truncate_metrics
 from latentdit.engine.schedule import lr_scheduler
 from latentdit.errors import LatentDiTError
@@ -144,8 +145,17 @@ def build_model(cfg: Config, dataset):
     return DiT(**model_kwargs_from_data(cfg, dataset))
 
 
-def build_optimizer(model: torch.nn.Module, t_cfg, device: torch.device) -> torch.optim.AdamW:
-    """The shared AdamW (:func:`latentdit.engine.optim.build_adamw`) with the ``train`` section's settings."""
+def build_optimizer(model: torch.nn.Module, t_cfg, device: torch.device) -> torch.optim.Optimizer:
+    """The ``train`` section's optimizer: the shared AdamW (:func:`latentdit.engine.optim.build_adamw`), or
+    with ``optimizer: muon`` Muon for the token-wise weight matrices of the DiT's blocks (attention and MLP)
+    and AdamW for the rest. The adaLN modulation stays with AdamW: it maps one conditioning vector per
+    image (its gradient's rank is at most the batch), and as the largest matrix of a block (6·width ×
+    width) it would take the largest share of the orthogonalisation's cost."""
+    if t_cfg.optimizer == "muon":
+        matrices = [p for n, p in model.blocks.named_parameters()
+                    if p.ndim == 2 and "adaLN_modulation" not in n]
+        return build_muon(model, matrices, t_cfg.lr, weight_decay=t_cfg.weight_decay, betas=t_cfg.betas,
+                          eps=t_cfg.adam_eps, momentum=t_cfg.muon_momentum)
     return build_adamw(model, t_cfg.lr, weight_decay=t_cfg.weight_decay, betas=t_cfg.betas, eps=t_cfg.adam_eps,
                        device=device)
 

@@ -1,4 +1,5 @@
-"""The DiT training loop: accelerate (DDP, mixed precision) or FSDP2 sharding, AdamW, EMA, checkpoints, logging.
+"""The DiT training loop: accelerate (DDP, mixed precision) or FSDP2 sharding, the optimizer, EMA, checkpoints,
+logging.
 
 One call to :func:`train` runs (or resumes) a run directory::
 
@@ -95,7 +96,7 @@ def micro_batch_loss(process, forward_model: torch.nn.Module, x0: torch.Tensor, 
 
 def train_step(state: TrainState, batches: Iterator, loss_hook: LossHook | None = None,
                measure_grad_norm: bool = False) -> StepResult:
-    """One optimizer step over ``train.grad_accum`` micro-batches: backward, clip, AdamW, LR schedule, EMA."""
+    """One optimizer step over ``train.grad_accum`` micro-batches: backward, clip, optimizer, LR schedule, EMA."""
     t, acc, model = state.cfg.train, state.accelerator, state.model
     rand = StepRandomness.draw(t.seed, state.step, t.global_batch_size, tuple(state.dataset.latent_shape),
                                state.process, state.cfg.model.class_dropout_prob)
