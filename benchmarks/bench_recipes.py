@@ -107,6 +107,19 @@ RECIPES = (
           ("batch128", ("train.global_batch_size=128",), "batch 128 (half the steps)"),
           ("batch32", ("train.global_batch_size=32",), "batch 32 (twice the steps)"),
           ("lr2e-3", ("train.lr=2e-3",), "lr 2e-3"))),
+    # the EMA's length, and the label dropout that the guided (unconditional) prediction learns from
+    *(Recipe(f"best+{tag}", "configs/fashion_mnist.yaml", overrides, FLOW_SAMPLERS, f"the demo's recipe, {what}")
+      for tag, overrides, what in (
+          ("ema0.9995", ("train.ema_decay=0.9995",), "EMA decay 0.9995 (twice the averaging length)"),
+          ("dropout0.2", ("model.class_dropout_prob=0.2",), "label dropout 0.2"))),
+    # the optimizer, with its learning rate spelled out: the Fashion-MNIST recipe trains AdamW at 1e-3, the
+    # folder recipe (configs/clipart.yaml) Muon at 2e-3
+    *(Recipe(f"best+{tag}", "configs/fashion_mnist.yaml", overrides, FLOW_SAMPLERS, f"the demo's recipe, {what}")
+      for tag, overrides, what in (
+          ("adamw", ("train.optimizer=adamw", "train.lr=1e-3"), "AdamW, lr 1e-3"),
+          ("muon", ("train.optimizer=muon", "train.lr=1e-3"), "Muon for the blocks' attention and MLP matrices, "
+                                                             "AdamW for the rest, lr 1e-3"),
+          ("muon-lr2e-3", ("train.optimizer=muon", "train.lr=2e-3"), "Muon, lr 2e-3"))),
     Recipe("best+internal", "configs/fashion_mnist.yaml", ("model.internal_block=1",), FLOW_SAMPLERS,
            "the demo's recipe + an internal head after block 1 of 4 (λ 0.5), sampled plain and with Internal "
            "Guidance w 1.4 / 2 before the cfg scale",
@@ -131,13 +144,13 @@ class Bench:
         self.data = Demo(DemoSettings(out=self.out / "data", **self.shared))
 
     @property
-    def folder(self) -> bool:
+    def on_folder(self) -> bool:
         return self.data.folder is not None
 
     def config(self, recipe: Recipe) -> Path:
         """The recipe's config; on an image folder the demo's recipe becomes the folder recipe."""
         path = REPO_ROOT / recipe.config
-        if not self.folder:
+        if not self.on_folder:
             return path
         if path != DEMO_CONFIG:
             raise LatentDiTError(f"--data: recipe {recipe.name} is not built on the demo's recipe; on an image "
@@ -145,7 +158,7 @@ class Bench:
         return FOLDER_CONFIG
 
     def prepare(self) -> None:
-        self.data.run(["split", "extract", "reference", "floors"] if self.folder else ["extract", "reference"])
+        self.data.run(["split", "extract", "reference", "floors"] if self.on_folder else ["extract", "reference"])
 
     def _score(self, npz: Path, json_path: Path) -> dict:
         if not json_path.exists():
@@ -158,7 +171,7 @@ class Bench:
         """Real held-out training images (never extracted: taken from the end of the split) and the
         VAE's reconstructions of the same images, scored like the samples; on an image folder the demo's
         floors (a seeded draw of training images and their reconstructions)."""
-        if self.folder:
+        if self.on_folder:
             return {name: self._score(path, path.parent / "metrics.json")
                     for name, path in demo_folder.floor_paths(self.data.out / "floors").items()}
         from latentdit.vae import VAE
@@ -289,7 +302,7 @@ def main(argv=None) -> int:
 
     recon_kid = floors["VAE reconstructions"]["kid_mean"]
     budget = f"{args.steps} steps" if args.steps else f"{args.minutes:g} min"
-    if bench.folder:
+    if bench.on_folder:
         data = f"{args.data}, {FOLDER_CONFIG.name}"
         protocol = f"labels in the training proportions, cfg {args.cfg_scale:g}) vs the folder's held-out images"
     else:
