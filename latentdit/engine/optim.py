@@ -101,7 +101,9 @@ class MuonAdamW(torch.optim.Optimizer):
                     p.mul_(1.0 - lr * wd)
                 if group["muon"]:
                     mu = group["momentum"]
-                    buf = state.setdefault("momentum_buffer", torch.zeros_like(p))
+                    if "momentum_buffer" not in state:
+                        state["momentum_buffer"] = torch.zeros_like(p)
+                    buf = state["momentum_buffer"]
                     buf.mul_(mu).add_(g)
                     update = orthogonalize(g.add(buf, alpha=mu)).to(p.dtype)
                     p.add_(update, alpha=-lr * MUON_RMS * math.sqrt(max(p.shape)))
