@@ -22,7 +22,9 @@ and the images/s column is measured from the run log, to be read apart.
 
 Runs go round-robin over the recipes (A B C A B C with --repeats 2), so a change in the machine's load
 falls on all of them; the table prints the spread of the repeats. Everything is resumable: rerunning
-the command skips finished training runs, sample files and cached features.
+the command skips finished training runs, sample files and cached features. A finished run is known by
+its row's name only, so after a change to a config (e.g. the optimizer of configs/clipart.yaml) use a new
+--out: the old runs would be reused under the new meaning of the row.
 """
 
 from __future__ import annotations
