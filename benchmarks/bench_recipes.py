@@ -99,8 +99,9 @@ RECIPES = (
            "warmup-stable-decay: linear to 0 over the last 40 % of the steps"),
           ("power-ema", ("train.ema_sigma_rel=0.1", "train.ema_warmup=false", "train.ema_decay=0.9999"),
            "EDM2 power-function EMA, σ_rel 0.1"))),
-    # the model size, batch and learning rate for the budget (DiT-T/2: depth 4, width 128, 4 heads, batch 64,
-    # lr 1e-3): a smaller model takes more steps in the same minutes, a larger one learns more per step
+    # the recipe's settings one at a time: the model size, batch and learning rate for the budget (DiT-T/2:
+    # depth 4, width 128, 4 heads, batch 64, lr 1e-3; a smaller model takes more steps in the same minutes, a
+    # larger one learns more per step), then the EMA, the label dropout and the optimizer
     *(Recipe(f"best+{tag}", "configs/fashion_mnist.yaml", overrides, FLOW_SAMPLERS, f"the demo's recipe, {what}")
       for tag, overrides, what in (
           ("depth2", ("model.depth=2",), "depth 2 (half the compute per step)"),
@@ -108,16 +109,12 @@ RECIPES = (
           ("width192", ("model.hidden_size=192", "model.num_heads=6"), "width 192, 6 heads (about 2x the compute)"),
           ("batch128", ("train.global_batch_size=128",), "batch 128 (half the steps)"),
           ("batch32", ("train.global_batch_size=32",), "batch 32 (twice the steps)"),
-          ("lr2e-3", ("train.lr=2e-3",), "lr 2e-3"))),
-    # the EMA's length, and the label dropout that the guided (unconditional) prediction learns from
-    *(Recipe(f"best+{tag}", "configs/fashion_mnist.yaml", overrides, FLOW_SAMPLERS, f"the demo's recipe, {what}")
-      for tag, overrides, what in (
+          ("lr2e-3", ("train.lr=2e-3",), "lr 2e-3"),
+          # the EMA's length, and the label dropout that the guided (unconditional) prediction learns from
           ("ema0.9995", ("train.ema_decay=0.9995",), "EMA decay 0.9995 (twice the averaging length)"),
-          ("dropout0.2", ("model.class_dropout_prob=0.2",), "label dropout 0.2"))),
-    # the optimizer, with its learning rate spelled out: the Fashion-MNIST recipe trains AdamW at 1e-3, the
-    # folder recipe (configs/clipart.yaml) Muon at 2e-3
-    *(Recipe(f"best+{tag}", "configs/fashion_mnist.yaml", overrides, FLOW_SAMPLERS, f"the demo's recipe, {what}")
-      for tag, overrides, what in (
+          ("dropout0.2", ("model.class_dropout_prob=0.2",), "label dropout 0.2"),
+          # the optimizer, with its learning rate spelled out: the Fashion-MNIST recipe trains AdamW at 1e-3,
+          # the folder recipe (configs/clipart.yaml) Muon at 2e-3
           ("adamw", ("train.optimizer=adamw", "train.lr=1e-3"), "AdamW, lr 1e-3"),
           ("muon", ("train.optimizer=muon", "train.lr=1e-3"), "Muon for the blocks' attention and MLP matrices, "
                                                              "AdamW for the rest, lr 1e-3"),

@@ -22,22 +22,23 @@ def no_decay_parameters(model: nn.Module) -> set[int]:
     return out
 
 
+def decay_groups(model: nn.Module, params: list[nn.Parameter], weight_decay: float) -> list[dict]:
+    """``params`` (parameters of ``model``) as optimizer groups: with ``weight_decay > 0`` two, those of
+    :func:`no_decay_parameters` (decay 0) after the others; without weight decay one."""
+    if weight_decay <= 0:
+        return [{"params": params, "weight_decay": 0.0}]
+    exempt = no_decay_parameters(model)
+    return [{"params": [p for p in params if id(p) not in exempt], "weight_decay": weight_decay},
+            {"params": [p for p in params if id(p) in exempt], "weight_decay": 0.0}]
+
+
 def build_adamw(model: nn.Module, lr: float, *, weight_decay: float = 0.0, betas: Sequence[float] = (0.9, 0.999),
                 eps: float = 1e-8, device: torch.device | str = "cpu") -> torch.optim.AdamW:
-    """AdamW over the trainable parameters of ``model``, the fused kernel on CPU and CUDA (one pass over
-    all parameters instead of a Python loop per tensor).
-
-    With ``weight_decay > 0`` the parameters form two groups: those of :func:`no_decay_parameters`
-    (decay 0) after the others; without weight decay there is one group.
-    """
+    """AdamW over the trainable parameters of ``model`` in the groups of :func:`decay_groups`, the fused
+    kernel on CPU and CUDA (one pass over all parameters instead of a Python loop per tensor)."""
     trainable = [p for p in model.parameters() if p.requires_grad]
-    params: list | list[dict] = trainable
-    if weight_decay > 0:
-        exempt = no_decay_parameters(model)
-        params = [{"params": [p for p in trainable if id(p) not in exempt], "weight_decay": weight_decay},
-                  {"params": [p for p in trainable if id(p) in exempt], "weight_decay": 0.0}]
-    return torch.optim.AdamW(params, lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay,
-                             fused=torch.device(device).type in ("cpu", "cuda"))
+    return torch.optim.AdamW(decay_groups(model, trainable, weight_decay), lr=lr, betas=tuple(betas), eps=eps,
+                             weight_decay=weight_decay, fused=torch.device(device).type in ("cpu", "cuda"))
 
 
 # Newton–Schulz quintic coefficients of Muon (Jordan et al. 2024): five steps take every singular value of
@@ -125,14 +126,10 @@ class MuonAdamW(torch.optim.Optimizer):
 def build_muon(model: nn.Module, muon_params: Iterable[nn.Parameter], lr: float, *, weight_decay: float = 0.0,
                betas: Sequence[float] = (0.9, 0.999), eps: float = 1e-8, momentum: float = 0.95) -> MuonAdamW:
     """:class:`MuonAdamW` over the trainable parameters of ``model``: Muon for ``muon_params`` (2-D
-    weights), AdamW for the rest; weight decay spares the :func:`no_decay_parameters` as in
-    :func:`build_adamw`."""
+    weights), AdamW for the rest in the groups of :func:`decay_groups`."""
     trainable = [p for p in model.parameters() if p.requires_grad]
     muon = {id(p) for p in muon_params}
-    exempt = no_decay_parameters(model)
     groups = [{"params": [p for p in trainable if id(p) in muon], "muon": True, "weight_decay": weight_decay},
-              {"params": [p for p in trainable if id(p) not in muon and id(p) not in exempt],
-               "weight_decay": weight_decay},
-              {"params": [p for p in trainable if id(p) not in muon and id(p) in exempt], "weight_decay": 0.0}]
+              *decay_groups(model, [p for p in trainable if id(p) not in muon], weight_decay)]
     return MuonAdamW([g for g in groups if g["params"]], lr, betas=betas, eps=eps, weight_decay=weight_decay,
                      momentum=momentum)
