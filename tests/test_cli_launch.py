@@ -168,9 +168,11 @@ def test_workers_stop_when_the_launcher_is_killed(latents, tmp_path):
     assert "its launcher (process " in text and "has gone away" in text, text[-3000:]
 
 
+# one os.write per line: the workers share the pipe, and a single short write is never interleaved
+# (print may write the text and its newline separately)
 _THREADS = """
 import os, torch
-print(f"threads {torch.get_num_threads()} omp {os.environ.get('OMP_NUM_THREADS')}", flush=True)
+os.write(1, f"threads {torch.get_num_threads()} omp {os.environ.get('OMP_NUM_THREADS')}\\n".encode())
 """
 
 
