@@ -23,8 +23,9 @@ and the images/s column is measured from the run log, to be read apart.
 Runs go round-robin over the recipes (A B C A B C with --repeats 2), so a change in the machine's load
 falls on all of them; the table prints the spread of the repeats. Everything is resumable: rerunning
 the command skips finished training runs, sample files and cached features. A finished run is known by
-its row's name only, so after a change to a config (e.g. the optimizer of configs/clipart.yaml) use a new
---out: the old runs would be reused under the new meaning of the row.
+its row's name; before one is reused or continued, its saved config is compared with the one its row
+resolves to now, and a difference (a changed config file, recipe or --minutes) is refused, naming the
+fields: use a new --out for the new meaning.
 """
 
 from __future__ import annotations
@@ -40,6 +41,8 @@ import numpy as np
 import torch
 
 from latentdit.cli import make_parser, non_negative_float, positive_int, run_main
+from latentdit.config import load_config
+from latentdit.engine.checkpoint import config_differences
 from latentdit.errors import LatentDiTError
 from latentdit.io import atomic_path, read_json, write_json
 
@@ -109,7 +112,9 @@ RECIPES = (
           ("width192", ("model.hidden_size=192", "model.num_heads=6"), "width 192, 6 heads (about 2x the compute)"),
           ("batch128", ("train.global_batch_size=128",), "batch 128 (half the steps)"),
           ("batch32", ("train.global_batch_size=32",), "batch 32 (twice the steps)"),
+          ("batch16", ("train.global_batch_size=16",), "batch 16 (four times the steps)"),
           ("lr2e-3", ("train.lr=2e-3",), "lr 2e-3"),
+          ("beta2-0.99", ("train.betas=[0.9,0.99]",), "Adam β₂ 0.99 (a 100-step second-moment memory)"),
           # the EMA's length, and the label dropout that the guided (unconditional) prediction learns from
           ("ema0.9995", ("train.ema_decay=0.9995",), "EMA decay 0.9995 (twice the averaging length)"),
           ("dropout0.2", ("model.class_dropout_prob=0.2",), "label dropout 0.2"),
@@ -203,17 +208,36 @@ class Bench:
         runs = f"runs-{self.args.steps}steps" if self.args.steps else "runs"  # a budget's runs never mix
         return self.out / runs / f"{recipe.name}-r{repeat}"
 
+    def overrides(self, recipe: Recipe, repeat: int) -> list[str]:
+        """The command-line overrides of one run's training (its budget, data, seed and the recipe's own)."""
+        budget = ([f"train.max_steps={self.args.steps}", "train.max_minutes=0"] if self.args.steps
+                  else [f"train.max_minutes={self.args.minutes:g}"])
+        return [f"data.latents={self.data.latents_dir}", f"train.run_dir={self.run_dir(recipe, repeat)}", *budget,
+                "data.flip=false", f"train.seed={self.args.seed + repeat}", "train.sample_every=0",
+                *self.data.folder_overrides(), *recipe.overrides]
+
+    def check_run(self, recipe: Recipe, repeat: int) -> None:
+        """A run already in --out (finished or not) must have been started from the config its row resolves
+        to now: after a change to a recipe's config file, its overrides or --minutes, the old run would
+        be continued or reported under the row's new meaning."""
+        saved = self.run_dir(recipe, repeat) / "config.yaml"
+        if not saved.exists():
+            return
+        old = load_config(saved).to_dict()
+        new = load_config(self.config(recipe), self.overrides(recipe, repeat)).to_dict()
+        changed = config_differences(old, new, ())
+        if changed:
+            pairs = (key.split(".") for key in changed)
+            what = ", ".join(f"{a}.{b} {old[a][b]!r} → {new[a][b]!r}" for a, b in pairs)
+            raise LatentDiTError(f"{saved}: run {saved.parent.name} was started with another config than row "
+                                 f"{recipe.name} gives now ({what}); pass another --out or remove the run")
+
     def train(self, recipe: Recipe, repeat: int) -> dict:
         run = self.run_dir(recipe, repeat)
         done = run / "bench-train-finished"
-        budget = ([f"train.max_steps={self.args.steps}", "train.max_minutes=0"] if self.args.steps
-                  else [f"train.max_minutes={self.args.minutes:g}"])
         if not done.exists():
-            cmd = _accelerate_launch() + [
-                _tool("train.py"), "--config", str(self.config(recipe)), "--resume", "auto",
-                f"data.latents={self.data.latents_dir}", f"train.run_dir={run}", *budget, "data.flip=false",
-                f"train.seed={self.args.seed + repeat}", "train.sample_every=0", *self.data.folder_overrides(),
-                *recipe.overrides]
+            cmd = _accelerate_launch() + [_tool("train.py"), "--config", str(self.config(recipe)), "--resume", "auto",
+                                          *self.overrides(recipe, repeat)]
             self.data._run(f"train {recipe.name} (repeat {repeat})", cmd)
             done.write_text("finished\n")
         state = read_json(self.checkpoint(recipe, repeat).parent / "state.json", "checkpoint state")
@@ -282,8 +306,10 @@ def main(argv=None) -> int:
 
     bench = Bench(args)
     recipes = [next(r for r in RECIPES if r.name == name) for name in dict.fromkeys(args.recipes)]  # as given
-    for recipe in recipes:
-        bench.config(recipe)  # refused before anything runs
+    for recipe in recipes:  # refused before anything runs
+        bench.config(recipe)
+        for repeat in range(args.repeats):
+            bench.check_run(recipe, repeat)
     started = time.time()
     bench.prepare()
     floors = bench.floors()
