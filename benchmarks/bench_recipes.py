@@ -135,6 +135,8 @@ RECIPES = (
            "and with Internal Guidance w 2", variants=(("", ()), ("ig2", ("--internal-scale", "2")))),
 )
 RECIPE_NAMES = tuple(r.name for r in RECIPES)
+# the config fields a run gets from where --out is, not from its row
+PATHS_UNDER_OUT = {("data", "latents"), ("train", "run_dir")}
 
 
 def _metrics_line(m: dict) -> str:
@@ -224,13 +226,14 @@ class Bench:
     def check_run(self, recipe: Recipe, repeat: int) -> None:
         """A run already in --out (finished or not) must have been started from the config its row resolves
         to now: after a change to a recipe's config file, its overrides or --minutes, the old run would
-        be continued or reported under the row's new meaning."""
+        be continued or reported under the row's new meaning. (The paths under --out may differ: a moved
+        --out is the same benchmark.)"""
         saved = self.run_dir(recipe, repeat) / "config.yaml"
         if not saved.exists():
             return
         old = load_config(saved).to_dict()
         new = load_config(self.config(recipe), self.overrides(recipe, repeat)).to_dict()
-        changed = config_differences(old, new, ())
+        changed = config_differences(old, new, PATHS_UNDER_OUT)
         if changed:
             pairs = (key.split(".") for key in changed)
             what = ", ".join(f"{a}.{b} {old[a][b]!r} → {new[a][b]!r}" for a, b in pairs)

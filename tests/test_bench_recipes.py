@@ -51,6 +51,10 @@ def test_a_run_started_with_the_rows_config_is_reused(bench_module, tmp_path):
     bench.check_run(recipe, 0)  # nothing there yet
     _started(bench, recipe)
     bench.check_run(recipe, 0)
+    # the same benchmark moved elsewhere: its paths differ, its meaning does not
+    moved = tmp_path.parent / (tmp_path.name + "-moved")
+    tmp_path.rename(moved)
+    _bench(bench_module, moved).check_run(recipe, 0)
 
 
 def test_a_run_whose_row_changed_meaning_is_refused_naming_the_fields(bench_module, tmp_path):
