@@ -8,6 +8,7 @@ from typing import Iterable, Sequence
 
 import torch
 from torch import nn
+from torch.optim.adamw import adamw
 
 from latentdit.errors import LatentDiTError
 
@@ -72,9 +73,8 @@ class MuonAdamW(torch.optim.Optimizer):
 
     A group with ``muon=True`` holds 2-D parameters; each step keeps a momentum buffer ``B ← μB + g`` and
     moves the weight along the orthogonalised Nesterov direction ``g + μB`` (:func:`orthogonalize`), scaled
-    by ``0.2·sqrt(max(rows, cols))`` so that the learning rate means what it means for AdamW. The other
-    groups take the AdamW step (decoupled weight decay, bias-corrected moments). Weight decay is decoupled
-    in both and scaled by the learning rate.
+    by ``0.2·sqrt(max(rows, cols))`` so that the learning rate means what it means for AdamW; weight decay is
+    decoupled and scaled by the learning rate. The other groups take torch's AdamW step.
     """
 
     def __init__(self, params, lr: float, *, betas: Sequence[float] = (0.9, 0.999), eps: float = 1e-8,
@@ -93,34 +93,37 @@ class MuonAdamW(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         for group in self.param_groups:
-            lr, wd = group["lr"], group["weight_decay"]
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                g, state = p.grad, self.state[p]
-                if wd:
-                    p.mul_(1.0 - lr * wd)
-                if group["muon"]:
-                    mu = group["momentum"]
-                    if "momentum_buffer" not in state:
-                        state["momentum_buffer"] = torch.zeros_like(p)
-                    buf = state["momentum_buffer"]
-                    buf.mul_(mu).add_(g)
-                    update = orthogonalize(g.add(buf, alpha=mu)).to(p.dtype)
-                    p.add_(update, alpha=-lr * MUON_RMS * math.sqrt(max(p.shape)))
-                    continue
-                beta1, beta2 = group["betas"]
-                if not state:
-                    state["step"] = torch.zeros((), dtype=torch.float32)
-                    state["exp_avg"] = torch.zeros_like(p)
-                    state["exp_avg_sq"] = torch.zeros_like(p)
-                state["step"] += 1
-                n = float(state["step"])
-                state["exp_avg"].lerp_(g, 1.0 - beta1)
-                state["exp_avg_sq"].mul_(beta2).addcmul_(g, g, value=1.0 - beta2)
-                denom = (state["exp_avg_sq"].sqrt() / math.sqrt(1.0 - beta2 ** n)).add_(group["eps"])
-                p.addcdiv_(state["exp_avg"], denom, value=-lr / (1.0 - beta1 ** n))
+            params = [p for p in group["params"] if p.grad is not None]
+            if params:
+                (self._muon_step if group["muon"] else self._adamw_step)(group, params)
         return loss
+
+    def _muon_step(self, group: dict, params: list[torch.Tensor]) -> None:
+        lr, wd, mu = group["lr"], group["weight_decay"], group["momentum"]
+        for p in params:
+            state = self.state[p]
+            if wd:
+                p.mul_(1.0 - lr * wd)
+            if "momentum_buffer" not in state:
+                state["momentum_buffer"] = torch.zeros_like(p)
+            buf = state["momentum_buffer"]
+            buf.mul_(mu).add_(p.grad)
+            update = orthogonalize(p.grad.add(buf, alpha=mu)).to(p.dtype)
+            p.add_(update, alpha=-lr * MUON_RMS * math.sqrt(max(p.shape)))
+
+    def _adamw_step(self, group: dict, params: list[torch.Tensor]) -> None:
+        """torch's own AdamW step (its functional form), on the state keys of ``torch.optim.AdamW``."""
+        for p in params:
+            state = self.state[p]
+            if not state:
+                state["step"] = torch.zeros((), dtype=torch.float32)
+                state["exp_avg"] = torch.zeros_like(p)
+                state["exp_avg_sq"] = torch.zeros_like(p)
+        states = [self.state[p] for p in params]
+        beta1, beta2 = group["betas"]
+        adamw(params, [p.grad for p in params], [s["exp_avg"] for s in states], [s["exp_avg_sq"] for s in states],
+              [], [s["step"] for s in states], amsgrad=False, beta1=beta1, beta2=beta2, lr=group["lr"],
+              weight_decay=group["weight_decay"], eps=group["eps"], maximize=False)
 
 
 def build_muon(model: nn.Module, muon_params: Iterable[nn.Parameter], lr: float, *, weight_decay: float = 0.0,
