@@ -115,6 +115,9 @@ RECIPES = (
           ("batch16", ("train.global_batch_size=16",), "batch 16 (four times the steps)"),
           ("lr2e-3", ("train.lr=2e-3",), "lr 2e-3"),
           ("beta2-0.99", ("train.betas=[0.9,0.99]",), "Adam β₂ 0.99 (a 100-step second-moment memory)"),
+          # where the training times fall: logit-normal centred on t = 0.5 (the recipe) or nearer the data
+          ("logit-mean-0.5", ("diffusion.logit_mean=-0.5",), "logit-normal times centred on t ≈ 0.38 (more "
+                                                             "training near the data)"),
           # the EMA's length, and the label dropout that the guided (unconditional) prediction learns from
           ("ema0.9995", ("train.ema_decay=0.9995",), "EMA decay 0.9995 (twice the averaging length)"),
           ("dropout0.2", ("model.class_dropout_prob=0.2",), "label dropout 0.2"),

@@ -10,6 +10,13 @@ original images beside them. Uses latentdit.metrics (the TF-Inception FID networ
     python benchmarks/bench_vae.py --vae latentdit/kl-f8-clipart --data /usr/share/openclipart/png --card-held-out
     python benchmarks/bench_vae.py --vae latentdit/kl-f8-clipart --data /usr/share/tuxpaint/stamps --count 300
 
+``--latent-noise 0.05 0.1 0.2`` also decodes the latents with Gaussian noise of those standard deviations added,
+in the units a DiT learns them in (the normalised latents, unit std): how precisely a diffusion model must
+place its latents for this decoder, scored like the reconstructions.
+
+    python benchmarks/bench_vae.py --vae latentdit/kl-f8-fashion-mnist --data fashion-mnist --split test \
+        --start 500 --count 300 --reference-start 0 --reference-count 500 --latent-noise 0.05 0.1 0.2
+
 ``--update-card`` adds the figures to the VAE folder's model_card.json and MODEL_CARD.md. ``--grid-dir DIR``
 writes, per VAE, the images of the set with the largest ΔE (originals above their reconstructions).
 """
@@ -30,7 +37,7 @@ if str(REPO) not in sys.path:
 
 from latentdit.colour import reconstruction_delta_e  # noqa: E402
 from latentdit.vae import BUNDLED_VAE_CARD_JSON, VAE, psnr  # noqa: E402
-from latentdit.cli import make_parser, non_negative_int, positive_int, run_main  # noqa: E402
+from latentdit.cli import make_parser, non_negative_float, non_negative_int, positive_int, run_main  # noqa: E402
 from latentdit.errors import LatentDiTError  # noqa: E402
 from latentdit.io import read_json  # noqa: E402
 
@@ -69,6 +76,18 @@ def load_images(data: str, split: str, image_size: int, indices: list[int] | Non
     return torch.stack(images), what
 
 
+def noisy_reconstructions(vae: VAE, images: torch.Tensor, sigmas: list[float], seed: int = 0,
+                          batch_size: int = 64) -> list[torch.Tensor]:
+    """Decodes of ``images``' posterior means with Gaussian noise of std ``sigma`` (each of ``sigmas``) added to
+    the normalised latents (:meth:`VAE.latent_norm`, the latents a DiT is trained on); the same noise draw,
+    seeded by ``seed``, scaled for every sigma (0: the plain reconstruction)."""
+    mean, _ = vae.encode_moments_batched(images, batch_size)
+    norm = vae.latent_norm()
+    latents = norm.normalize(mean)
+    noise = torch.randn(latents.shape, generator=torch.Generator().manual_seed(seed))
+    return [vae.decode_batched(latents + sigma * noise, batch_size, norm=norm) for sigma in sigmas]
+
+
 def save_worst_delta_e_grid(originals: torch.Tensor, recon: torch.Tensor, delta_e: np.ndarray, path: Path,
                             count: int = 8) -> Path:
     """The ``count`` images with the largest ΔE: originals in the upper row, reconstructions below, each
@@ -79,6 +98,23 @@ def save_worst_delta_e_grid(originals: torch.Tensor, recon: torch.Tensor, delta_
     images = torch.cat([originals[worst], recon[worst].clamp(-1, 1)])
     labels = [f"dE {delta_e[i]:.1f}" for i in worst] * 2
     return save_labeled_grid(images, labels, path, nrow=len(worst))
+
+
+def print_latent_noise(vae: VAE, originals: torch.Tensor, sigmas: list[float], scored_against: tuple,
+                       features, settings) -> None:
+    """One line per sigma of :func:`noisy_reconstructions`: PSNR, and KID ×1000 against the originals and
+    (when given) the reference set, to be read beside the plain reconstruction's line above it."""
+    from latentdit.metrics import compute_metrics
+
+    originals_features, reference = scored_against
+    for sigma, images in zip(sigmas, noisy_reconstructions(vae, originals, sigmas)):
+        f = features(images)
+        line = (f"    latent noise σ {sigma:g}: PSNR {float(psnr(images, originals).mean()):.2f} dB, rKID x1000 "
+                f"{1000 * compute_metrics(originals_features, f, settings)['kid_mean']:.1f}")
+        if reference is not None:
+            m = compute_metrics(reference, f, settings)
+            line += f", vs reference KID x1000 {1000 * m['kid_mean']:.1f} ± {1000 * m['kid_std']:.1f}"
+        print(line, flush=True)
 
 
 def main(argv=None) -> int:
@@ -95,6 +131,8 @@ def main(argv=None) -> int:
                    help="also compare with reference images [start, start+count) of the same data and split")
     p.add_argument("--reference-count", type=positive_int, default=500)
     p.add_argument("--reference-split", default=None, help="split of the reference images (default: --split)")
+    p.add_argument("--latent-noise", type=non_negative_float, nargs="+", default=[], metavar="SIGMA",
+                   help="also decode the latents with Gaussian noise of these stds added (normalised latents, unit std)")
     p.add_argument("--batch-size", type=positive_int, default=50, help="images per Inception forward")
     p.add_argument("--update-card", action="store_true", help="write the figures into the (first) VAE's model card")
     p.add_argument("--grid-dir", type=Path, default=None, metavar="DIR",
@@ -152,6 +190,8 @@ def main(argv=None) -> int:
         if demo is not None:
             print(f"    vs reference ({ref_what}): FID {demo['fid']:.1f} / KID x1000 {1000 * demo['kid_mean']:.1f} / "
                   f"precision {demo['precision']:.2f} / recall {demo['recall']:.2f}")
+        if args.latent_noise:
+            print_latent_noise(vae, originals, args.latent_noise, (original_features, reference), features, common)
     if reference is not None:
         m = rows[0][2]
         print(f"original images vs reference: FID {m['fid']:.1f} / KID x1000 {1000 * m['kid_mean']:.1f} / "

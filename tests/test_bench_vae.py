@@ -6,6 +6,7 @@ import importlib.util
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 from PIL import Image
 
@@ -33,3 +34,24 @@ def test_worst_delta_e_grid_puts_the_largest_colour_errors_first(tmp_path):
     grid = Image.open(path)
     # three columns of 16-pixel images (with padding and labels), two rows: originals, reconstructions
     assert grid.size[0] >= 3 * 16 and grid.size[1] >= 2 * 16
+
+
+def test_latent_noise_reconstructions_start_at_the_plain_one_and_drift_with_sigma(tmp_path):
+    pytest.importorskip("diffusers")
+    from diffusers import AutoencoderKL
+
+    from latentdit.vae import VAE
+
+    bench = _load()
+    torch.manual_seed(0)
+    AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
+                  up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(8, 16), layers_per_block=1,
+                  latent_channels=4, norm_num_groups=4, sample_size=16, scaling_factor=0.7).save_pretrained(tmp_path)
+    vae = VAE.load(tmp_path)
+    images = torch.rand(5, 3, 16, 16, generator=torch.Generator().manual_seed(1)) * 2 - 1
+    plain, small, large = bench.noisy_reconstructions(vae, images, [0.0, 0.1, 1.0], seed=3)
+    torch.testing.assert_close(plain, vae.reconstruct(images))
+    again = bench.noisy_reconstructions(vae, images, [0.1], seed=3)[0]
+    torch.testing.assert_close(again, small)  # one seeded draw, whatever else is decoded beside it
+    drift = [float((x - plain).pow(2).mean()) for x in (small, large)]
+    assert 0 < drift[0] < drift[1]
