@@ -11,7 +11,8 @@ original images beside them. Uses latentdit.metrics (the TF-Inception FID networ
     python benchmarks/bench_vae.py --vae latentdit/kl-f8-clipart --data /usr/share/tuxpaint/stamps --count 300
 
 ``--latent-noise 0.05 0.1 0.2`` also decodes the latents with Gaussian noise of those standard deviations added,
-in the units a DiT learns them in (the normalised latents, unit std): how precisely a diffusion model must
+in the units a DiT learns them in (the latents scaled by the VAE's scaling_factor, which gives the bundled
+VAEs' latents unit std): how precisely a diffusion model must
 place its latents for this decoder, scored like the reconstructions.
 
     python benchmarks/bench_vae.py --vae latentdit/kl-f8-fashion-mnist --data fashion-mnist --split test \
@@ -79,7 +80,7 @@ def load_images(data: str, split: str, image_size: int, indices: list[int] | Non
 def noisy_reconstructions(vae: VAE, images: torch.Tensor, sigmas: list[float], seed: int = 0,
                           batch_size: int = 64) -> list[torch.Tensor]:
     """Decodes of ``images``' posterior means with Gaussian noise of std ``sigma`` (each of ``sigmas``) added to
-    the normalised latents (:meth:`VAE.latent_norm`, the latents a DiT is trained on); the same noise draw,
+    the scaled latents (:meth:`VAE.latent_norm`, the latents a DiT is trained on); the same noise draw,
     seeded by ``seed``, scaled for every sigma (0: the plain reconstruction)."""
     mean, _ = vae.encode_moments_batched(images, batch_size)
     norm = vae.latent_norm()
@@ -100,19 +101,19 @@ def save_worst_delta_e_grid(originals: torch.Tensor, recon: torch.Tensor, delta_
     return save_labeled_grid(images, labels, path, nrow=len(worst))
 
 
-def print_latent_noise(vae: VAE, originals: torch.Tensor, sigmas: list[float], scored_against: tuple,
-                       features, settings) -> None:
+def print_latent_noise(vae: VAE, originals: torch.Tensor, sigmas: list[float], features, settings,
+                       original_features, reference_features=None) -> None:
     """One line per sigma of :func:`noisy_reconstructions`: PSNR, and KID ×1000 against the originals and
-    (when given) the reference set, to be read beside the plain reconstruction's line above it."""
+    (when given) the reference set, to be read beside the plain reconstruction's line above it. ``features``
+    turns images into a metric source, ``settings`` are the run's metric settings."""
     from latentdit.metrics import compute_metrics
 
-    originals_features, reference = scored_against
     for sigma, images in zip(sigmas, noisy_reconstructions(vae, originals, sigmas)):
         f = features(images)
         line = (f"    latent noise σ {sigma:g}: PSNR {float(psnr(images, originals).mean()):.2f} dB, rKID x1000 "
-                f"{1000 * compute_metrics(originals_features, f, settings)['kid_mean']:.1f}")
-        if reference is not None:
-            m = compute_metrics(reference, f, settings)
+                f"{1000 * compute_metrics(original_features, f, settings)['kid_mean']:.1f}")
+        if reference_features is not None:
+            m = compute_metrics(reference_features, f, settings)
             line += f", vs reference KID x1000 {1000 * m['kid_mean']:.1f} ± {1000 * m['kid_std']:.1f}"
         print(line, flush=True)
 
@@ -132,7 +133,7 @@ def main(argv=None) -> int:
     p.add_argument("--reference-count", type=positive_int, default=500)
     p.add_argument("--reference-split", default=None, help="split of the reference images (default: --split)")
     p.add_argument("--latent-noise", type=non_negative_float, nargs="+", default=[], metavar="SIGMA",
-                   help="also decode the latents with Gaussian noise of these stds added (normalised latents, unit std)")
+                   help="also decode the latents with Gaussian noise of these stds added (in scaled-latent units)")
     p.add_argument("--batch-size", type=positive_int, default=50, help="images per Inception forward")
     p.add_argument("--update-card", action="store_true", help="write the figures into the (first) VAE's model card")
     p.add_argument("--grid-dir", type=Path, default=None, metavar="DIR",
@@ -191,7 +192,7 @@ def main(argv=None) -> int:
             print(f"    vs reference ({ref_what}): FID {demo['fid']:.1f} / KID x1000 {1000 * demo['kid_mean']:.1f} / "
                   f"precision {demo['precision']:.2f} / recall {demo['recall']:.2f}")
         if args.latent_noise:
-            print_latent_noise(vae, originals, args.latent_noise, (original_features, reference), features, common)
+            print_latent_noise(vae, originals, args.latent_noise, features, common, original_features, reference)
     if reference is not None:
         m = rows[0][2]
         print(f"original images vs reference: FID {m['fid']:.1f} / KID x1000 {1000 * m['kid_mean']:.1f} / "
