@@ -3,7 +3,6 @@ a forward-call counter, and tools/sample.py run in-process."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
@@ -13,6 +12,7 @@ import torch
 from latentdit.diffusion import META_PROCESS
 from latentdit.io import save_safetensors
 from latentdit.models.checkpoint import META_CLASS_COUNTS, META_CLASS_NAMES, META_VAE, METADATA_KEY
+from script_helpers import load_script
 
 CLASS_NAMES = ["T-shirt/top", "Trouser", "Pullover", "Dress"]
 
@@ -72,10 +72,7 @@ def counting_hook(model):
 
 def sample_tool():
     """tools/sample.py as a module."""
-    spec = importlib.util.spec_from_file_location("sample_tool", Path(__file__).parents[1] / "tools" / "sample.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("tools/sample.py")
 
 
 def run_sample_tool(argv) -> int:

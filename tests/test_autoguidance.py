@@ -11,6 +11,7 @@ from latentdit.diffusion import DDPMProcess, FlowProcess
 from latentdit.errors import LatentDiTError
 from latentdit.sampling import Guide, SamplerSettings, make_model_fn, sample_latents
 from latentdit.sampling.autoguidance import check_guide_model
+from script_helpers import load_script
 
 try:
     from sampling_helpers import make_tiny_dit, make_tiny_vae_dir, run_sample_tool, save_our_checkpoint
@@ -144,13 +145,7 @@ def test_sample_tool_with_a_guide_checkpoint(tmp_path, capsys):
 
 
 def test_sample_ddp_records_the_guide_in_its_chunk_settings(tmp_path):
-    import importlib.util
-    from pathlib import Path
-
-    spec = importlib.util.spec_from_file_location("sample_ddp_tool",
-                                                  Path(__file__).parents[1] / "tools" / "sample_ddp.py")
-    tool = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(tool)
+    tool = load_script("tools/sample_ddp.py")
     vae_dir = make_tiny_vae_dir(tmp_path / "vae")
     ckpt = save_our_checkpoint(make_tiny_dit(seed=0), tmp_path / "ema.safetensors", vae=str(vae_dir))
     guide = save_our_checkpoint(make_tiny_dit(seed=1), tmp_path / "early.safetensors", vae=str(vae_dir))

@@ -4,24 +4,18 @@ row resolves to now."""
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import sys
-from pathlib import Path
 
 import pytest
 
 from latentdit.config import load_config, save_config
 from latentdit.errors import LatentDiTError
+from script_helpers import load_script
 
-BENCH = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_recipes.py"
 
 
 def _load():
-    spec = importlib.util.spec_from_file_location("bench_recipes", BENCH)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # its dataclasses look their module up
-    spec.loader.exec_module(module)
-    return module
+    return load_script("benchmarks/bench_recipes.py")
 
 
 @pytest.fixture()

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -11,15 +9,12 @@ import torch
 from PIL import Image
 
 from latentdit.colour import reconstruction_delta_e
+from script_helpers import load_script
 
-BENCH = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_vae.py"
 
 
 def _load():
-    spec = importlib.util.spec_from_file_location("bench_vae", BENCH)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("benchmarks/bench_vae.py")
 
 
 def test_worst_delta_e_grid_puts_the_largest_colour_errors_first(tmp_path):

@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -17,6 +15,7 @@ from latentdit.models import create_dit, load_dit, load_state_dict_file, save_di
 from latentdit.models.checkpoint import METADATA_KEY, read_checkpoint
 from latentdit.weights import load_model_for_sampling
 from dit_helpers import randomize
+from script_helpers import load_script
 
 try:
     from sampling_helpers import make_tiny_vae_dir
@@ -237,10 +236,7 @@ def _train_py_checkpoint(path, ema, raw, num_classes=10):
 
 
 def _sample_tool_main():
-    spec = importlib.util.spec_from_file_location("sample_tool", Path(__file__).parents[1] / "tools" / "sample.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.main
+    return load_script("tools/sample.py").main
 
 
 def _run_sample_tool(argv, capsys):
@@ -322,9 +318,7 @@ def test_label_table_without_null_row(tmp_path, capsys):
 
 
 def test_sample_ddp_no_null_class_samples_every_row_as_a_class(tmp_path):
-    spec = importlib.util.spec_from_file_location("sample_ddp_tool", Path(__file__).parents[1] / "tools" / "sample_ddp.py")
-    tool = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(tool)
+    tool = load_script("tools/sample_ddp.py")
     no_null = randomize(tiny(class_dropout_prob=0.0))
     path = _train_py_checkpoint(tmp_path / "no_null.pt", no_null, randomize(tiny(class_dropout_prob=0.0), seed=4))
     vae = make_tiny_vae_dir(tmp_path / "vae")

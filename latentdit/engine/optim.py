@@ -52,18 +52,52 @@ NS_STEPS = 5
 MUON_RMS = 0.2
 
 
-def orthogonalize(m: torch.Tensor, steps: int = NS_STEPS, eps: float = 1e-7) -> torch.Tensor:
+def newton_schulz_macs(rows: int, cols: int, gram_form: bool, steps: int = NS_STEPS) -> int:
+    """Multiply-adds of :func:`orthogonalize` on a ``rows × cols`` matrix (``r × c`` in its wide orientation):
+    a plain step costs ``2·r²c + r³`` (the Gram matrix, its square, the product with the matrix); the Gram
+    form ``2·r²c`` once (the first Gram matrix and the final product) and ``4·r³`` a step, less at the ends."""
+    r, c = min(rows, cols), max(rows, cols)
+    return 2 * r * r * c + (4 * steps - 3) * r ** 3 if gram_form else steps * (2 * r * r * c + r ** 3)
+
+
+def gram_form_pays(rows: int, cols: int, steps: int = NS_STEPS) -> bool:
+    """Whether :func:`orthogonalize` takes fewer multiply-adds on the Gram matrix than on the matrix itself:
+    from ``cols > 1.5·rows`` on (wide orientation)."""
+    return newton_schulz_macs(rows, cols, True, steps) < newton_schulz_macs(rows, cols, False, steps)
+
+
+def orthogonalize(m: torch.Tensor, steps: int = NS_STEPS, eps: float = 1e-7, *, gram_form: bool | None = None
+                  ) -> torch.Tensor:
     """The matrix nearest to ``m``'s polar factor ``U Vᵀ`` that ``steps`` Newton–Schulz iterations reach
-    (float32; the iteration works on the wide orientation, so the Gram matrix is the small one)."""
+    (float32; the iteration works on the wide orientation, so the Gram matrix is the small one).
+
+    Each step is ``X ← p(G) X`` with ``G = X Xᵀ`` and ``p(G) = aI + bG + cG²``. As ``p(G)`` commutes with
+    ``G``, the next Gram matrix is ``p(G)² G``, so for a wide enough matrix the steps run on the small Gram
+    matrix alone, the polynomials are multiplied up, and ``X`` is touched once at the end: the same
+    iteration in exact arithmetic, about 1.8x fewer multiply-adds for a 128 × 512 matrix. ``gram_form``
+    picks the form (default: the one with fewer multiply-adds, :func:`gram_form_pays`)."""
     a, b, c = NS_COEFFICIENTS
     x = m.float()
     tall = x.shape[0] > x.shape[1]
     if tall:
         x = x.T
     x = x / x.norm().clamp(min=eps)  # spectral norm <= Frobenius norm <= 1: inside the iteration's basin
-    for _ in range(steps):
-        gram = x @ x.T
-        x = a * x + (b * gram + c * gram @ gram) @ x
+    rows, cols = x.shape
+    gram = x @ x.T
+    if gram_form_pays(rows, cols, steps) if gram_form is None else gram_form:
+        eye = torch.eye(rows, dtype=x.dtype, device=x.device)
+        product = None
+        for i in range(steps):
+            poly = a * eye + (b * gram + c * gram @ gram)
+            product = poly if product is None else poly @ product
+            if i + 1 < steps:
+                gram = poly @ gram @ poly
+        x = product @ x
+    else:
+        for i in range(steps):
+            if i:
+                gram = x @ x.T
+            x = a * x + (b * gram + c * gram @ gram) @ x
     return x.T if tall else x
 
 
@@ -101,29 +135,34 @@ class MuonAdamW(torch.optim.Optimizer):
     def _muon_step(self, group: dict, params: list[torch.Tensor]) -> None:
         lr, wd, mu = group["lr"], group["weight_decay"], group["momentum"]
         for p in params:
-            state = self.state[p]
-            if wd:
-                p.mul_(1.0 - lr * wd)
-            if "momentum_buffer" not in state:
-                state["momentum_buffer"] = torch.zeros_like(p)
-            buf = state["momentum_buffer"]
-            buf.mul_(mu).add_(p.grad)
-            update = orthogonalize(p.grad.add(buf, alpha=mu)).to(p.dtype)
-            p.add_(update, alpha=-lr * MUON_RMS * math.sqrt(max(p.shape)))
+            if "momentum_buffer" not in self.state[p]:
+                self.state[p]["momentum_buffer"] = torch.zeros_like(p)
+        grads = [p.grad for p in params]
+        bufs = [self.state[p]["momentum_buffer"] for p in params]
+        if wd:
+            torch._foreach_mul_(params, 1.0 - lr * wd)
+        torch._foreach_mul_(bufs, mu)
+        torch._foreach_add_(bufs, grads)
+        for p, nesterov in zip(params, torch._foreach_add(grads, bufs, alpha=mu)):
+            p.add_(orthogonalize(nesterov).to(p.dtype), alpha=-lr * MUON_RMS * math.sqrt(max(p.shape)))
 
     def _adamw_step(self, group: dict, params: list[torch.Tensor]) -> None:
-        """torch's own AdamW step (its functional form), on the state keys of ``torch.optim.AdamW``."""
+        """torch's own AdamW step (its functional form, the fused kernel on CPU and CUDA), on the state keys
+        of ``torch.optim.AdamW``."""
+        fused = all(p.device.type in ("cpu", "cuda") for p in params)
         for p in params:
             state = self.state[p]
             if not state:
-                state["step"] = torch.zeros((), dtype=torch.float32)
+                state["step"] = torch.zeros((), dtype=torch.float32, device=p.device if fused else "cpu")
                 state["exp_avg"] = torch.zeros_like(p)
                 state["exp_avg_sq"] = torch.zeros_like(p)
+            elif fused and state["step"].device != p.device:  # a state dict saved from another device
+                state["step"] = state["step"].to(p.device)
         states = [self.state[p] for p in params]
         beta1, beta2 = group["betas"]
         adamw(params, [p.grad for p in params], [s["exp_avg"] for s in states], [s["exp_avg_sq"] for s in states],
-              [], [s["step"] for s in states], amsgrad=False, beta1=beta1, beta2=beta2, lr=group["lr"],
-              weight_decay=group["weight_decay"], eps=group["eps"], maximize=False)
+              [], [s["step"] for s in states], fused=fused, amsgrad=False, beta1=beta1, beta2=beta2,
+              lr=group["lr"], weight_decay=group["weight_decay"], eps=group["eps"], maximize=False)
 
 
 def build_muon(model: nn.Module, muon_params: Iterable[nn.Parameter], lr: float, *, weight_decay: float = 0.0,

@@ -145,17 +145,20 @@ def build_model(cfg: Config, dataset):
     return DiT(**model_kwargs_from_data(cfg, dataset))
 
 
+def muon_matrices(model: torch.nn.Module) -> list[torch.nn.Parameter]:
+    """The parameters ``optimizer: muon`` gives to Muon: the token-wise weight matrices of the DiT's blocks
+    (attention and MLP). The adaLN modulation stays with AdamW: it maps one conditioning vector per image
+    (its gradient's rank is at most the batch), and as the largest matrix of a block (6·width × width) it
+    would take the largest share of the orthogonalisation's cost."""
+    return [p for n, p in model.blocks.named_parameters() if p.ndim == 2 and "adaLN_modulation" not in n]
+
+
 def build_optimizer(model: torch.nn.Module, t_cfg, device: torch.device) -> torch.optim.Optimizer:
     """The ``train`` section's optimizer: the shared AdamW (:func:`latentdit.engine.optim.build_adamw`), or
-    with ``optimizer: muon`` Muon for the token-wise weight matrices of the DiT's blocks (attention and MLP)
-    and AdamW for the rest. The adaLN modulation stays with AdamW: it maps one conditioning vector per
-    image (its gradient's rank is at most the batch), and as the largest matrix of a block (6·width ×
-    width) it would take the largest share of the orthogonalisation's cost."""
+    with ``optimizer: muon`` Muon for :func:`muon_matrices` and AdamW for the rest."""
     if t_cfg.optimizer == "muon":
-        matrices = [p for n, p in model.blocks.named_parameters()
-                    if p.ndim == 2 and "adaLN_modulation" not in n]
-        return build_muon(model, matrices, t_cfg.lr, weight_decay=t_cfg.weight_decay, betas=t_cfg.betas,
-                          eps=t_cfg.adam_eps, momentum=t_cfg.muon_momentum)
+        return build_muon(model, muon_matrices(model), t_cfg.lr, weight_decay=t_cfg.weight_decay,
+                          betas=t_cfg.betas, eps=t_cfg.adam_eps, momentum=t_cfg.muon_momentum)
     return build_adamw(model, t_cfg.lr, weight_decay=t_cfg.weight_decay, betas=t_cfg.betas, eps=t_cfg.adam_eps,
                        device=device)
 

@@ -1,0 +1,100 @@
+"""Muon's cost: the Newton–Schulz orthogonalisation in its two forms, and the optimizer step against AdamW's.
+
+For each model the matrices ``optimizer: muon`` orthogonalises (:func:`latentdit.training.state.muon_matrices`)
+get seeded random gradients; then, interleaved round by round so that load from other processes hits every
+variant alike, the script times
+
+* orthogonalising all of them in the plain form (every step on the matrix) and in the default form (the
+  Gram form wherever it takes fewer multiply-adds, :func:`latentdit.engine.optim.gram_form_pays`);
+* one whole optimizer step: :class:`~latentdit.engine.optim.MuonAdamW` (Muon for those matrices, fused AdamW
+  for the rest) and the fused AdamW of ``optimizer: adamw`` over the same model.
+
+It prints the median time of each (milliseconds per step) with the range over the rounds, and the
+multiply-adds of both forms. The model's forward and backward are not timed (``bench_train.py``).
+
+    python benchmarks/bench_muon.py                                    # DiT-T/2 at 8x8x4, DiT-S/2, DiT-B/2
+    python benchmarks/bench_muon.py --models DiT-T/2 --rounds 10
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from typing import Callable
+
+import torch
+
+from latentdit.cli import make_parser, positive_int, run_main
+from latentdit.engine.optim import NS_STEPS, build_adamw, build_muon, gram_form_pays, newton_schulz_macs, orthogonalize
+from latentdit.models import create_dit
+from latentdit.models.registry import DIT_CONFIGS
+from latentdit.training.state import muon_matrices
+
+DEFAULT_MODELS = ("DiT-T/2", "DiT-S/2", "DiT-B/2")
+
+
+def time_rounds(fns: dict[str, Callable[[], object]], rounds: int, iters: int) -> dict[str, list[float]]:
+    """Milliseconds per call of each function: the median of ``iters`` calls, per round, the functions
+    taking turns within every round."""
+    out: dict[str, list[float]] = {name: [] for name in fns}
+    for fn in fns.values():  # warm-up
+        fn()
+    for _ in range(rounds):
+        for name, fn in fns.items():
+            times = []
+            for _ in range(iters):
+                t0 = time.perf_counter()
+                fn()
+                times.append(time.perf_counter() - t0)
+            out[name].append(statistics.median(times) * 1e3)
+    return out
+
+
+def bench_model(name: str, rounds: int, iters: int) -> list[tuple[str, list[float]]]:
+    """The rows of one model: (label, milliseconds per round)."""
+    torch.manual_seed(0)
+    latent = 8 if name == "DiT-T/2" else 32  # the CPU recipe's 64x64 images; the paper's 256x256
+    model = create_dit(name, input_size=latent, in_channels=4, num_classes=1000, learn_sigma=False)
+    g = torch.Generator().manual_seed(0)
+    for p in model.parameters():
+        p.grad = torch.randn(p.shape, generator=g) * 1e-3
+    matrices = muon_matrices(model)
+    grads = [p.grad for p in matrices]
+    shapes = sorted({tuple(p.shape) for p in matrices})
+    plain = sum(newton_schulz_macs(*p.shape, gram_form=False) for p in matrices)
+    chosen = sum(newton_schulz_macs(*p.shape, gram_form=gram_form_pays(*p.shape)) for p in matrices)
+    print(f"{name} (latent {latent}x{latent}x4): {len(matrices)} Muon matrices of shapes "
+          f"{', '.join('x'.join(map(str, s)) for s in shapes)}; multiply-adds per step plain {plain / 1e6:.0f} M, "
+          f"default form {chosen / 1e6:.0f} M ({plain / chosen:.2f}x fewer)")
+    muon = build_muon(model, matrices, 1e-3)
+    adamw = build_adamw(model, 1e-3)
+    times = time_rounds({
+        "orthogonalise, plain form": lambda: [orthogonalize(x, gram_form=False) for x in grads],
+        "orthogonalise, default form": lambda: [orthogonalize(x) for x in grads],
+        "optimizer step, Muon + AdamW": muon.step,
+        "optimizer step, AdamW (fused)": adamw.step,
+    }, rounds, iters)
+    return list(times.items())
+
+
+def main(argv=None) -> int:
+    p = make_parser(__doc__)
+    p.add_argument("--models", nargs="+", default=list(DEFAULT_MODELS), choices=list(DIT_CONFIGS), metavar="NAME",
+                   help=f"registry names (default: {' '.join(DEFAULT_MODELS)}; DiT-T/2 at 8x8x4, the rest 32x32x4)")
+    p.add_argument("--rounds", type=positive_int, default=5, help="interleaved rounds (the spread is over them)")
+    p.add_argument("--iters", type=positive_int, default=10, help="calls per variant and round (median)")
+    args = p.parse_args(argv)
+    print(f"CPU, {torch.get_num_threads()} threads; torch {torch.__version__}; {NS_STEPS} Newton-Schulz steps; "
+          f"median ms per step over {args.rounds} rounds of {args.iters} calls (range over the rounds)")
+    for name in args.models:
+        rows = bench_model(name, args.rounds, args.iters)
+        base = statistics.median(rows[0][1])
+        for label, ms in rows:
+            mid = statistics.median(ms)
+            ratio = f"  ({base / mid:.2f}x the plain form's speed)" if label.startswith("orthogonalise, default") else ""
+            print(f"  {label:<32} {mid:8.2f} ms  ({min(ms):.2f}-{max(ms):.2f}){ratio}")
+    return 0
+
+
+if __name__ == "__main__":
+    run_main(main)
