@@ -112,7 +112,7 @@ def main(argv=None) -> int:
         step = mid[f"forward + backward, batch {batch}"] + mid["optimizer step, Muon + AdamW"]
         print(f"  orthogonalisation: the default form at {plain / default:.2f}x the plain form's speed; a training "
               f"step with Muon ~{step:.1f} ms, ~{step + plain - default:.1f} ms with the plain form "
-              f"({(step + plain - default) / step:.2f}x the images/s, estimated)")
+              f"(the default form: {(step + plain - default) / step:.2f}x the images/s, estimated)")
     return 0
 
 

@@ -18,3 +18,8 @@ def load_script(relpath: str) -> ModuleType:
     sys.modules[spec.name] = module  # dataclasses look their module up
     spec.loader.exec_module(module)
     return module
+
+
+def load_tool(name: str) -> ModuleType:
+    """``tools/<name>.py`` as a fresh module."""
+    return load_script(f"tools/{name}.py")

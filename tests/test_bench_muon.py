@@ -5,13 +5,8 @@ from __future__ import annotations
 from script_helpers import load_script
 
 
-
-def _load():
-    return load_script("benchmarks/bench_muon.py")
-
-
 def test_a_short_run_prints_every_row(capsys):
-    bench = _load()
+    bench = load_script("benchmarks/bench_muon.py")
     assert bench.main(["--models", "DiT-T/2", "--rounds", "1", "--iters", "1", "--batch-size", "4"]) == 0
     out = capsys.readouterr().out
     assert "16 Muon matrices" in out  # DiT-T/2: 4 blocks x (qkv, proj, fc1, fc2)

@@ -23,7 +23,7 @@ def bench_module():
     before = list(sys.path)
     yield _load()
     sys.path[:] = before  # the benchmark puts tools/ on the path to import the demo's stages
-    sys.modules.pop("bench_recipes", None)
+    sys.modules.pop("benchmarks_bench_recipes", None)
 
 
 def _bench(module, out):

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import importlib.util
 import json
 import os
 import re
@@ -27,16 +26,10 @@ from latentdit.errors import LatentDiTError
 from latentdit.io import atomic_write, read_json, save_safetensors, torch_save, writable_target, write_json
 from test_extract import make_vae_dir
 from training_helpers import PoolVAE, extract, make_cfg, write_image_folder, write_yaml_cfg
+from script_helpers import load_tool
 
 REPO = Path(__file__).resolve().parents[1]
 PY = sys.executable
-
-
-def load_tool(name: str):
-    spec = importlib.util.spec_from_file_location(f"tool_{name}", REPO / "tools" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def user_error(tool: str, argv: list[str], capsys) -> str:

@@ -194,11 +194,17 @@ def test_orthogonalize_approximates_the_polar_factor(shape):
     assert cos > 0.9
 
 
-def test_newton_schulz_multiply_adds_by_hand():
-    # 128 x 512 (either orientation): plain 5 x (2·128²·512 + 128³); Gram form 2·128²·512 + (4·5 - 3)·128³
-    for shape in ((128, 512), (512, 128)):
-        assert newton_schulz_macs(*shape, gram_form=False) == 5 * (2 * 128 ** 2 * 512 + 128 ** 3)
-        assert newton_schulz_macs(*shape, gram_form=True) == 2 * 128 ** 2 * 512 + 17 * 128 ** 3
+@pytest.mark.parametrize("shape", [(128, 512), (512, 128), (48, 64), (32, 32)])
+def test_newton_schulz_multiply_adds_are_the_matmuls_of_either_form(shape):
+    from torch.utils.flop_counter import FlopCounterMode
+
+    m = torch.randn(*shape, generator=torch.Generator().manual_seed(0))
+    for gram_form in (False, True):
+        with FlopCounterMode(display=False) as counter:
+            orthogonalize(m, gram_form=gram_form)
+        assert counter.get_total_flops() == 2 * newton_schulz_macs(*shape, gram_form=gram_form), gram_form
+    # 128 x 512: plain 5 x (2·128²·512 + 128³), Gram form 2·128²·512 + (4·5 - 3)·128³, 1.8x fewer
+    assert newton_schulz_macs(128, 512, gram_form=True) == 2 * 128 ** 2 * 512 + 17 * 128 ** 3
     assert gram_form_pays(128, 512) and gram_form_pays(512, 128) and not gram_form_pays(128, 128)
 
 
@@ -214,22 +220,24 @@ def _newton_schulz_reference(m: torch.Tensor, steps: int = NS_STEPS) -> torch.Te
     return x.T if tall else x
 
 
+@pytest.mark.parametrize("steps", [1, 2, 3, NS_STEPS])
 @pytest.mark.parametrize("shape", [(24, 96), (96, 24), (24, 40), (24, 32), (24, 24)])
-def test_orthogonalize_is_the_newton_schulz_iteration_in_either_form(shape):
+def test_orthogonalize_is_the_newton_schulz_iteration_in_either_form(shape, steps):
     """On the Gram matrix or on the matrix itself, the result is the float64 iteration's. By default the form
-    with fewer multiply-adds runs: the Gram one from 1.5 : 1 on, where its float32 error is that of the
-    plain form (~1e-6 here). Nearer square the Gram form squares a larger condition number (error ~1e-4 on
-    24 × 24: still far below the bfloat16 iteration of the published Muon)."""
+    with fewer multiply-adds runs: the Gram one from 1.5 : 1 on (from two steps on; one step costs the same
+    either way), where its float32 error on these matrices is that of the plain form (~1e-6). Nearer square
+    the Gram form squares a larger condition number (error ~1e-4 on 24 × 24: still far below the bfloat16
+    iteration of the published Muon)."""
     g = torch.Generator().manual_seed(0)
     m = torch.randn(*shape, generator=g) @ torch.diag(torch.logspace(-1, 1, shape[1]))
-    ref = _newton_schulz_reference(m)
-    default = max(shape) > 1.5 * min(shape)
-    assert gram_form_pays(*shape) == default
-    assert torch.equal(orthogonalize(m), orthogonalize(m, gram_form=default))
+    ref = _newton_schulz_reference(m, steps)
+    default = steps > 1 and max(shape) > 1.5 * min(shape)
+    assert gram_form_pays(*shape, steps) == default
+    assert torch.equal(orthogonalize(m, steps), orthogonalize(m, steps, gram_form=default))
     for gram_form in (False, True):
-        ours = orthogonalize(m, gram_form=gram_form).double()
+        ours = orthogonalize(m, steps, gram_form=gram_form).double()
         assert ours.shape == m.shape
-        tolerance = 1e-3 if gram_form and not default else 1e-4
+        tolerance = 5e-3 if gram_form and not default else 1e-4
         assert (ours - ref).norm() / ref.norm() < tolerance, gram_form
 
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import subprocess
@@ -19,6 +18,7 @@ from latentdit.data.latents import MANIFEST_NAME, list_shards, read_manifest, re
 from latentdit.errors import LatentDiTError
 from latentdit.extraction import ExtractionSettings, extract_latents
 from latentdit.io import load_safetensors
+from script_helpers import load_tool
 
 REPO = Path(__file__).resolve().parents[1]
 IMAGE_SIZE = 16
@@ -208,15 +208,8 @@ def test_fashion_mnist_source(vae, tmp_path):
     torch.testing.assert_close(t["mean"][:, 0], mean, atol=1e-5, rtol=1e-5)
 
 
-def _load_tool():
-    spec = importlib.util.spec_from_file_location("extract_tool", REPO / "tools" / "extract.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_tool_end_to_end_and_user_errors(images, vae_dir, tmp_path, capsys):
-    tool = _load_tool()
+    tool = load_tool("extract")
     out = tmp_path / "lat"
     args = ["--data", str(images), "--out", str(out), "--vae", str(vae_dir), "--image-size", str(IMAGE_SIZE),
             "--shard-size", "4", "--limit", "7", "--num-workers", "0", "--no-progress", "--batch-size", "3"]

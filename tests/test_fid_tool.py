@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import subprocess
 import sys
@@ -15,18 +14,10 @@ from latentdit.cli import run_main
 from latentdit.errors import LatentDiTError
 from latentdit.metrics import FeatureStats, MetricSettings, frechet_distance, load_stats, save_stats
 from metrics_fakes import random_images, use_fake_detector, write_folder
+from script_helpers import load_tool
 
 TOOL = Path(__file__).resolve().parents[1] / "tools" / "fid.py"
-
-
-def _load_tool():
-    spec = importlib.util.spec_from_file_location("fid_tool", TOOL)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-fid_tool = _load_tool()
+fid_tool = load_tool("fid")
 
 
 def _run(argv, capsys):

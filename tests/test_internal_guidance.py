@@ -21,6 +21,7 @@ from latentdit.training.regularizers import InternalLoss, build_regularizers
 from latentdit.training.trainer import micro_batch_terms
 from latentdit.weights import load_model_for_sampling, save_weights
 from training_helpers import assert_same_losses, make_cfg
+from script_helpers import load_tool
 
 try:
     from sampling_helpers import make_tiny_vae_dir, run_sample_tool
@@ -205,9 +206,6 @@ def test_settings_refuse_internal_guidance_where_it_does_not_apply(fields, head,
 
 
 def test_sampling_tools_take_the_internal_scale(tmp_path, capsys):
-    import importlib.util
-    from pathlib import Path
-
     vae_dir = make_tiny_vae_dir(tmp_path / "vae")
     meta = dict(class_names=["a", "b", "c"], vae=str(vae_dir), process=FLOW.metadata())
     ckpt = tmp_path / "ema.safetensors"
@@ -225,10 +223,7 @@ def test_sampling_tools_take_the_internal_scale(tmp_path, capsys):
     assert code == 2 and "needs a model trained with an internal head" in capsys.readouterr().err
     assert not (tmp_path / "h.png").exists()
 
-    spec = importlib.util.spec_from_file_location("sample_ddp_tool",
-                                                  Path(__file__).parents[1] / "tools" / "sample_ddp.py")
-    tool = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(tool)
+    tool = load_tool("sample_ddp")
     argv = ["--ckpt", str(ckpt), "--out-dir", str(tmp_path / "out"), "--num-samples", "2", "--chunk-size", "2",
             "--batch-size", "2", "--num-steps", "2", "--cfg-scale", "1"]
     assert tool.main(argv + ["--internal-scale", "1.4"]) == 0

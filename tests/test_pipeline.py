@@ -2,29 +2,17 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import sys
-from pathlib import Path
 
 import pytest
 from PIL import Image
 
 from latentdit.errors import LatentDiTError
 from latentdit.visualize import save_line_plot
+from script_helpers import load_tool
 
-TOOL = Path(__file__).resolve().parents[1] / "tools" / "demo.py"
-
-
-def _load_tool():
-    spec = importlib.util.spec_from_file_location("demo_tool", TOOL)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # its dataclasses look their module up while being built
-    spec.loader.exec_module(module)
-    return module
-
-
-demo_tool = _load_tool()
+demo_tool = load_tool("demo")
 REPO_ROOT, Demo, DemoSettings, StageResult = (demo_tool.REPO_ROOT, demo_tool.Demo, demo_tool.DemoSettings,
                                               demo_tool.StageResult)
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import socket
 import subprocess
@@ -14,6 +13,7 @@ import pytest
 
 from latentdit import sample_store as store
 from latentdit.errors import LatentDiTError
+from script_helpers import load_tool
 
 try:
     from sampling_helpers import make_tiny_dit, make_tiny_vae_dir, save_our_checkpoint
@@ -22,13 +22,6 @@ except ImportError:  # tests/ imported as a package
 
 TOOL = Path(__file__).parents[1] / "tools" / "sample_ddp.py"
 N, CHUNK, BATCH = 10, 4, 2  # 3 chunks: 4 + 4 + 2
-
-
-def _tool():
-    spec = importlib.util.spec_from_file_location("sample_ddp_tool", TOOL)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 @pytest.fixture(scope="module")
@@ -47,7 +40,7 @@ def _argv(ckpt, out_dir, *extra):
 @pytest.fixture(scope="module")
 def one_process(ckpt, tmp_path_factory):
     out = tmp_path_factory.mktemp("one")
-    assert _tool().main(_argv(ckpt, out)) == 0
+    assert load_tool("sample_ddp").main(_argv(ckpt, out)) == 0
     return out
 
 
@@ -63,7 +56,7 @@ def test_npz_has_the_adm_layout_and_balanced_distinct_samples(one_process):
 
 
 def test_resume_after_a_kill_keeps_finished_chunks(ckpt, one_process, tmp_path, monkeypatch):
-    tool = _tool()
+    tool = load_tool("sample_ddp")
     real_write = store.write_chunk
     written = []
 
@@ -94,7 +87,7 @@ def test_resume_after_a_kill_keeps_finished_chunks(ckpt, one_process, tmp_path, 
 
 def test_resume_with_other_settings_is_refused(ckpt, one_process):
     with pytest.raises(LatentDiTError, match=r"other settings.*cfg_scale"):
-        _tool().main(_argv(ckpt, one_process)[:-4] + ["--cfg-scale", "2.0", "--seed", "3"])
+        load_tool("sample_ddp").main(_argv(ckpt, one_process)[:-4] + ["--cfg-scale", "2.0", "--seed", "3"])
 
 
 def test_gather_refuses_missing_chunks(tmp_path):
@@ -132,7 +125,7 @@ def test_training_labels_follow_the_recorded_class_counts(tmp_path):
     counts = [6, 0, 1, 3]
     weighted = save_our_checkpoint(make_tiny_dit(), tmp_path / "ema.safetensors", vae=str(vae_dir),
                                    class_counts=counts)
-    assert _tool().main(_argv(weighted, tmp_path / "out", "--labels", "training")) == 0
+    assert load_tool("sample_ddp").main(_argv(weighted, tmp_path / "out", "--labels", "training")) == 0
     with np.load(tmp_path / "out" / "samples.npz") as z:
         labels = z["arr_1"]
     assert labels.tolist() == store.proportional_labels(N, counts)
@@ -141,10 +134,10 @@ def test_training_labels_follow_the_recorded_class_counts(tmp_path):
     assert '"labels": "training"' in settings
     # balanced chunks are not taken for training-proportion ones
     with pytest.raises(LatentDiTError, match="labels"):
-        _tool().main(_argv(weighted, tmp_path / "out"))
+        load_tool("sample_ddp").main(_argv(weighted, tmp_path / "out"))
     bare = save_our_checkpoint(make_tiny_dit(), tmp_path / "bare.safetensors", vae=str(vae_dir))
     with pytest.raises(LatentDiTError, match="--labels training: .* records no training class counts"):
-        _tool().main(_argv(bare, tmp_path / "out2", "--labels", "training"))
+        load_tool("sample_ddp").main(_argv(bare, tmp_path / "out2", "--labels", "training"))
     assert not (tmp_path / "out2").exists()
 
 
@@ -159,7 +152,7 @@ def test_progress_bar_counts_the_samples_this_process_draws(ckpt, tmp_path, monk
             super().__init__(*args, **kwargs)
 
     monkeypatch.setattr(tqdm.auto, "tqdm", Recorder)
-    assert _tool().main(_argv(ckpt, tmp_path)) == 0
+    assert load_tool("sample_ddp").main(_argv(ckpt, tmp_path)) == 0
     assert totals == [N]  # 3 chunks of 4, 4 and 2 samples: 10, not 12
     assert store.samples_in_chunks([1, 2], N, CHUNK) == 6
 
@@ -198,10 +191,10 @@ def test_a_flow_model_needs_nothing_extra(tmp_path):
                                     vae=str(vae_dir), process=FlowProcess(prediction="x"))
     argv = ["--ckpt", str(flow_ckpt), "--out-dir", str(tmp_path / "out"), "--num-samples", "3", "--chunk-size", "3",
             "--batch-size", "3", "--num-steps", "2", "--cfg-scale", "1.5"]
-    assert _tool().main(argv) == 0
+    assert load_tool("sample_ddp").main(argv) == 0
     settings = (tmp_path / "out" / store.CHUNK_DIR / store.CHUNK_SETTINGS).read_text()
     assert '"sampler": "heun"' in settings and '"prediction": "x"' in settings
     with np.load(tmp_path / "out" / "samples.npz") as z:
         assert z["arr_0"].shape == (3, 16, 16, 3)
     with pytest.raises(LatentDiTError, match="samples ddpm models"):
-        _tool().main(argv[:2] + ["--out-dir", str(tmp_path / "o2"), "--sampler", "ddpm"])
+        load_tool("sample_ddp").main(argv[:2] + ["--out-dir", str(tmp_path / "o2"), "--sampler", "ddpm"])

@@ -3,7 +3,6 @@ after SIGKILL), discriminator warm-up, the adaptive GAN weight, the hinge loss, 
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import signal
@@ -19,6 +18,7 @@ import torch
 from latentdit.vae.config import load_vae_config
 from latentdit.errors import LatentDiTError
 from latentdit.io import load_safetensors, read_json, torch_load
+from script_helpers import load_tool
 
 REPO = Path(__file__).resolve().parents[1]
 TOOL = REPO / "tools" / "train_vae.py"
@@ -28,14 +28,6 @@ TINY = ["data.image_size=16", "data.crop_size=8", "data.val_fraction=0.25", "mod
         "train.stats_images=8", "train.eval_images=4", "train.eval_check_images=2", "train.sample_every=2",
         "train.ckpt_every=2", "loss.disc_weight=0.5", "loss.disc_start=2", "loss.disc_layers=1",
         "loss.disc_channels=8", "loss.fft_weight=0.1"]
-
-
-def load_tool(name: str = "train_vae"):
-    spec = importlib.util.spec_from_file_location(f"{name}_tool", REPO / "tools" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
 
 
 @pytest.fixture(scope="module")
@@ -77,7 +69,7 @@ def random_images(n: int = 12, size: int = 16) -> torch.Tensor:
 def test_folder_run_exports_a_vae_for_from_pretrained_and_extract(image_folder, tmp_path):
     from diffusers import AutoencoderKL
 
-    tool = load_tool()
+    tool = load_tool("train_vae")
     run = tmp_path / "run"
     assert tool.main(["--data", str(image_folder), "--out", str(run), "--intended-use", "flat shapes",
                       *TINY, "train.steps=4"]) == 0
@@ -154,7 +146,7 @@ def check_same_checkpoints(a: Path, b: Path) -> None:
 
 
 def test_resume_in_process_is_the_uninterrupted_run(image_folder, tmp_path):
-    tool = load_tool()
+    tool = load_tool("train_vae")
     common = ["--data", str(image_folder), *TINY, "loss.disc_start=1"]  # both optimizers have state at step 2
     assert tool.main(common + ["--out", str(tmp_path / "straight"), "train.steps=4"]) == 0
     split = tmp_path / "split"
@@ -170,7 +162,7 @@ def test_resume_in_process_is_the_uninterrupted_run(image_folder, tmp_path):
 
 
 def test_resumed_run_continues_its_time_budget(image_folder, tmp_path):
-    tool = load_tool()
+    tool = load_tool("train_vae")
     common = ["--data", str(image_folder), *TINY, "--out", str(tmp_path / "run")]
     assert tool.main(common + ["train.steps=2"]) == 0
     # the checkpoint says 10 minutes of training were spent: a 12-minute budget has 2 left, which the next
@@ -188,7 +180,7 @@ def test_resumed_run_continues_its_time_budget(image_folder, tmp_path):
 
 def test_resume_needs_a_checkpoint(image_folder, tmp_path):
     with pytest.raises(LatentDiTError, match="--resume: no checkpoint"):
-        load_tool().main(["--data", str(image_folder), *TINY, "--out", str(tmp_path / "none"), "--resume"])
+        load_tool("train_vae").main(["--data", str(image_folder), *TINY, "--out", str(tmp_path / "none"), "--resume"])
 
 
 def _subprocess_env() -> dict[str, str]:
@@ -372,7 +364,7 @@ def test_default_and_shipped_norms_keep_several_channels_per_group(name):
 def test_bad_init_from_is_refused_before_the_images_are_decoded(image_folder, tmp_path):
     run = tmp_path / "run"
     with pytest.raises(LatentDiTError, match=r"model.init_from: VAE folder /missing does not exist"):
-        load_tool().main(["--data", str(image_folder), "--out", str(run), *TINY, "model.init_from=/missing"])
+        load_tool("train_vae").main(["--data", str(image_folder), "--out", str(run), *TINY, "model.init_from=/missing"])
     assert not run.exists()  # no image cache, no config: nothing written
 
 
@@ -383,7 +375,7 @@ def test_unreadable_images_are_named_on_the_console(image_folder, tmp_path, caps
     shutil.copytree(image_folder, data)
     (data / "tools" / "broken.png").write_bytes(b"not a png")
     run = tmp_path / "run"
-    assert load_tool().main(["--data", str(data), "--out", str(run), *TINY, "train.steps=2"]) == 0
+    assert load_tool("train_vae").main(["--data", str(data), "--out", str(run), *TINY, "train.steps=2"]) == 0
     out = capsys.readouterr().out
     assert "skipped 1 unreadable image file(s):" in out and "tools/broken.png" in out
     card = read_json(run / "vae" / "model_card.json")

@@ -84,7 +84,7 @@ def orthogonalize(m: torch.Tensor, steps: int = NS_STEPS, eps: float = 1e-7, *, 
     x = x / x.norm().clamp(min=eps)  # spectral norm <= Frobenius norm <= 1: inside the iteration's basin
     rows, cols = x.shape
     gram = x @ x.T
-    if gram_form_pays(rows, cols, steps) if gram_form is None else gram_form:
+    if steps > 0 and (gram_form_pays(rows, cols, steps) if gram_form is None else gram_form):
         eye = torch.eye(rows, dtype=x.dtype, device=x.device)
         product = None
         for i in range(steps):
@@ -143,8 +143,9 @@ class MuonAdamW(torch.optim.Optimizer):
             torch._foreach_mul_(params, 1.0 - lr * wd)
         torch._foreach_mul_(bufs, mu)
         torch._foreach_add_(bufs, grads)
-        for p, nesterov in zip(params, torch._foreach_add(grads, bufs, alpha=mu)):
-            p.add_(orthogonalize(nesterov).to(p.dtype), alpha=-lr * MUON_RMS * math.sqrt(max(p.shape)))
+        for p, buf in zip(params, bufs):  # one Nesterov direction at a time: no second copy of every gradient
+            update = orthogonalize(p.grad.add(buf, alpha=mu)).to(p.dtype)
+            p.add_(update, alpha=-lr * MUON_RMS * math.sqrt(max(p.shape)))
 
     def _adamw_step(self, group: dict, params: list[torch.Tensor]) -> None:
         """torch's own AdamW step (its functional form, the fused kernel on CPU and CUDA), on the state keys
