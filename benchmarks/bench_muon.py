@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import copy
 import statistics
-import time
 from typing import Callable
 
 import torch
@@ -32,24 +31,20 @@ from latentdit.engine.optim import NS_STEPS, build_adamw, build_muon, gram_form_
 from latentdit.models import create_dit
 from latentdit.models.registry import DIT_CONFIGS
 from latentdit.training.state import muon_matrices
+from timing import time_steps
 
 DEFAULT_MODELS = ("DiT-T/2", "DiT-S/2")
+CPU = torch.device("cpu")
 
 
 def time_rounds(fns: dict[str, Callable[[], object]], rounds: int, iters: int) -> dict[str, list[float]]:
-    """Milliseconds per call of each function: the median of ``iters`` calls, per round, the functions
-    taking turns within every round."""
+    """Milliseconds per call of each function: the median of ``iters`` calls (:func:`timing.time_steps`), per
+    round, the functions taking turns within every round (after one warm-up call of each)."""
+    time_steps(fns, 1, CPU)
     out: dict[str, list[float]] = {name: [] for name in fns}
-    for fn in fns.values():  # warm-up
-        fn()
     for _ in range(rounds):
         for name, fn in fns.items():
-            times = []
-            for _ in range(iters):
-                t0 = time.perf_counter()
-                fn()
-                times.append(time.perf_counter() - t0)
-            out[name].append(statistics.median(times) * 1e3)
+            out[name].append(statistics.median(time_steps({name: fn}, iters, CPU)[name]) * 1e3)
     return out
 
 

@@ -33,7 +33,7 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-from timing import matmul_peak, sync
+from timing import matmul_peak, time_steps
 
 
 def train_flops_per_image(model: torch.nn.Module, latent: Sequence[int], device: torch.device) -> float:
@@ -117,19 +117,6 @@ def make_ours(model_name: str, latent: Sequence[int], batch: int, device: torch.
         return loss.detach()
 
     return step
-
-
-def time_steps(steps: dict[str, Callable[[], Any]], n: int, device: torch.device) -> dict[str, list[float]]:
-    """Interleave the steps ``n`` times each; return their wall times."""
-    times: dict[str, list[float]] = {k: [] for k in steps}
-    for _ in range(n):
-        for name, fn in steps.items():
-            sync(device)
-            t0 = time.perf_counter()
-            fn()
-            sync(device)
-            times[name].append(time.perf_counter() - t0)
-    return times
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from typing import Any, Callable
 
 import torch
 
@@ -26,3 +27,16 @@ def matmul_peak(device: torch.device, dtype: torch.dtype = torch.float32, n: int
         sync(device)
         best = min(best, time.perf_counter() - t0)
     return 2 * n ** 3 / best
+
+
+def time_steps(steps: dict[str, Callable[[], Any]], n: int, device: torch.device) -> dict[str, list[float]]:
+    """Interleave the steps ``n`` times each (one call of each in turn); return their wall times."""
+    times: dict[str, list[float]] = {k: [] for k in steps}
+    for _ in range(n):
+        for name, fn in steps.items():
+            sync(device)
+            t0 = time.perf_counter()
+            fn()
+            sync(device)
+            times[name].append(time.perf_counter() - t0)
+    return times

@@ -13,15 +13,10 @@ from latentdit.errors import LatentDiTError
 from script_helpers import load_script
 
 
-
-def _load():
-    return load_script("benchmarks/bench_recipes.py")
-
-
 @pytest.fixture()
 def bench_module():
     before = list(sys.path)
-    yield _load()
+    yield load_script("benchmarks/bench_recipes.py")
     sys.path[:] = before  # the benchmark puts tools/ on the path to import the demo's stages
     sys.modules.pop("benchmarks_bench_recipes", None)
 

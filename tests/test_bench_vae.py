@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-
 import numpy as np
 import pytest
 import torch
@@ -10,7 +9,6 @@ from PIL import Image
 
 from latentdit.colour import reconstruction_delta_e
 from script_helpers import load_script
-
 
 
 def _load():
