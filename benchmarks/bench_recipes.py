@@ -58,22 +58,30 @@ LOGNORM = FLOW + ("diffusion.time_sampling=logit_normal",)
 @dataclass(frozen=True)
 class Recipe:
     """One training recipe: a config plus overrides, and the samplers it is scored with
-    (``(sampler, steps)``; the first is the recipe's own, the rest are the ≤ 20-step ones), each with
-    every guidance variant (``(tag, extra sample_ddp.py flags)``; the untagged one is the bench's cfg scale
-    alone)."""
+    (``(sampler, steps)``; the first is the recipe's own, the rest are the ≤ 20-step ones). A recipe whose
+    model has an internal head is scored plain and with Internal Guidance (:data:`INTERNAL_VARIANTS`)."""
 
     name: str
     config: str
     overrides: tuple[str, ...]
     samplers: tuple[tuple[str, int], ...]
     what: str
-    variants: tuple[tuple[str, tuple[str, ...]], ...] = (("", ()),)
+
+
+@dataclass(frozen=True)
+class Option:
+    """Overrides that a row puts on top of its base recipe: ``BASE+OPTION+OPTION…``, applied in that order."""
+
+    overrides: tuple[str, ...]
+    what: str
 
 
 DDPM_SAMPLERS = (("ddim", 50), ("dpm-solver", 20))
 FLOW_SAMPLERS = (("euler", 50), ("heun", 10))
+# guidance variants of a model with an internal head: (tag, extra sample_ddp.py flags); "" is the cfg scale alone
+INTERNAL_VARIANTS = (("", ()), ("ig2", ("--internal-scale", "2")))
 
-RECIPES = (
+BASES = {r.name: r for r in (
     Recipe("dit-official", "configs/fashion_mnist_dit_baseline.yaml", (), (("ddpm", 250), ("dpm-solver", 20)),
            "the official DiT recipe verbatim (eps + learned sigma, lr 1e-4, batch 256, EMA 0.9999)"),
     Recipe("eps", EPS, (), DDPM_SAMPLERS, "eps + learned sigma with the CPU-tuned optimiser and EMA warm-up"),
@@ -83,61 +91,72 @@ RECIPES = (
            "flow + x-prediction with the velocity loss"),
     Recipe("flow-shift", EPS, FLOW + ("diffusion.time_shift=2.0",), FLOW_SAMPLERS,
            "flow + time shift 2 (more training time near noise)"),
-    # the model options, each alone on top of flow-lognorm (the recipe they are meant for: LightningDiT
-    # adds them to a rectified flow); a row that beats flow-lognorm goes into the best combination
-    *(Recipe(f"flow-lognorm+{tag}", EPS, LOGNORM + (override,), FLOW_SAMPLERS, f"flow-lognorm + {what}")
-      for tag, override, what in (("rmsnorm", "model.norm=rmsnorm", "RMSNorm"),
-                                  ("swiglu", "model.mlp=swiglu", "SwiGLU MLP"),
-                                  ("rope", "model.pos=rope2d", "2-D RoPE on q/k"),
-                                  ("qknorm", "model.qk_norm=true", "qk-norm"))),
     Recipe("best", "configs/fashion_mnist.yaml", (), FLOW_SAMPLERS, "the demo's recipe (configs/fashion_mnist.yaml)"),
-    # encoder-free representation losses on top of the demo's recipe (DiT-T/2 has 4 blocks, 0-based)
-    *(Recipe(f"best+{tag}", "configs/fashion_mnist.yaml", overrides, FLOW_SAMPLERS, f"the demo's recipe + {what}")
-      for tag, overrides, what in (
-          ("layersync", ("train.layersync_weight=0.2", "train.layersync_blocks=[0,2]"),
-           "LayerSync: block 0 toward stop-grad block 2, λ 0.2"),
-          ("dispersive", ("train.dispersive_weight=0.25", "train.dispersive_block=0", "train.dispersive_tau=0.5"),
-           "dispersive loss on block 0, τ 0.5, λ 0.25"),
-          ("wsd", ("train.lr_schedule=wsd", "train.decay_fraction=0.4"),
-           "warmup-stable-decay: linear to 0 over the last 40 % of the steps"),
-          ("power-ema", ("train.ema_sigma_rel=0.1", "train.ema_warmup=false", "train.ema_decay=0.9999"),
-           "EDM2 power-function EMA, σ_rel 0.1"))),
-    # the recipe's settings one at a time: the model size, batch and learning rate for the budget (DiT-T/2:
-    # depth 4, width 128, 4 heads, batch 64, lr 1e-3; a smaller model takes more steps in the same minutes, a
-    # larger one learns more per step), then the EMA, the label dropout and the optimizer
-    *(Recipe(f"best+{tag}", "configs/fashion_mnist.yaml", overrides, FLOW_SAMPLERS, f"the demo's recipe, {what}")
-      for tag, overrides, what in (
-          ("depth2", ("model.depth=2",), "depth 2 (half the compute per step)"),
-          ("depth6", ("model.depth=6",), "depth 6 (1.5x the compute per step)"),
-          ("width192", ("model.hidden_size=192", "model.num_heads=6"), "width 192, 6 heads (about 2x the compute)"),
-          ("batch128", ("train.global_batch_size=128",), "batch 128 (half the steps)"),
-          ("batch32", ("train.global_batch_size=32",), "batch 32 (twice the steps)"),
-          ("batch16", ("train.global_batch_size=16",), "batch 16 (four times the steps)"),
-          ("lr2e-3", ("train.lr=2e-3",), "lr 2e-3"),
-          ("beta2-0.99", ("train.betas=[0.9,0.99]",), "Adam β₂ 0.99 (a 100-step second-moment memory)"),
-          # where the training times fall: logit-normal centred on t = 0.5 (the recipe) or nearer the data
-          ("logit-mean-0.5", ("diffusion.logit_mean=-0.5",), "logit-normal times centred on t ≈ 0.38 (more "
-                                                             "training near the data)"),
-          # the EMA's length, and the label dropout that the guided (unconditional) prediction learns from
-          ("ema0.9995", ("train.ema_decay=0.9995",), "EMA decay 0.9995 (twice the averaging length)"),
-          ("dropout0.2", ("model.class_dropout_prob=0.2",), "label dropout 0.2"),
-          # the optimizer, with its learning rate spelled out: the Fashion-MNIST recipe trains AdamW at 1e-3,
-          # the folder recipe (configs/clipart.yaml) Muon at 2e-3
-          ("adamw", ("train.optimizer=adamw", "train.lr=1e-3"), "AdamW, lr 1e-3"),
-          ("muon", ("train.optimizer=muon", "train.lr=1e-3"), "Muon for the blocks' attention and MLP matrices, "
-                                                             "AdamW for the rest, lr 1e-3"),
-          ("muon-lr2e-3", ("train.optimizer=muon", "train.lr=2e-3"), "Muon, lr 2e-3"))),
-    Recipe("best+internal", "configs/fashion_mnist.yaml", ("model.internal_block=1",), FLOW_SAMPLERS,
-           "the demo's recipe + an internal head after block 1 of 4 (λ 0.5), sampled plain and with Internal "
-           "Guidance w 1.4 / 2 before the cfg scale",
-           variants=(("", ()), ("ig1.4", ("--internal-scale", "1.4")), ("ig2", ("--internal-scale", "2")))),
-    # the two options that improved the recipe in both repeats of the 2,500-step table, together
-    Recipe("best+wsd+internal", "configs/fashion_mnist.yaml",
-           ("train.lr_schedule=wsd", "train.decay_fraction=0.4", "model.internal_block=1"), FLOW_SAMPLERS,
-           "the demo's recipe + warmup-stable-decay (last 40 %) + an internal head after block 1, sampled plain "
-           "and with Internal Guidance w 2", variants=(("", ()), ("ig2", ("--internal-scale", "2")))),
-)
-RECIPE_NAMES = tuple(r.name for r in RECIPES)
+)}
+
+OPTIONS = {
+    # the model options (LightningDiT adds them to a rectified flow: measured on top of flow-lognorm)
+    "rmsnorm": Option(("model.norm=rmsnorm",), "RMSNorm"),
+    "swiglu": Option(("model.mlp=swiglu",), "SwiGLU MLP"),
+    "rope": Option(("model.pos=rope2d",), "2-D RoPE on q/k"),
+    "qknorm": Option(("model.qk_norm=true",), "qk-norm"),
+    # encoder-free accelerants (DiT-T/2 has 4 blocks, 0-based)
+    "layersync": Option(("train.layersync_weight=0.2", "train.layersync_blocks=[0,2]"),
+                        "LayerSync: block 0 toward stop-grad block 2, λ 0.2"),
+    "dispersive": Option(("train.dispersive_weight=0.25", "train.dispersive_block=0", "train.dispersive_tau=0.5"),
+                         "dispersive loss on block 0, τ 0.5, λ 0.25"),
+    "internal": Option(("model.internal_block=1",), "an internal head after block 1 of 4 (λ 0.5), sampled plain "
+                                                    "and with Internal Guidance w 2 before the cfg scale"),
+    "no-internal": Option(("model.internal_block=null",), "no internal head"),
+    # the schedule and the EMA
+    "wsd": Option(("train.lr_schedule=wsd", "train.decay_fraction=0.4"),
+                  "warmup-stable-decay: linear to 0 over the last 40 % of the budget"),
+    "constant-lr": Option(("train.lr_schedule=constant",), "constant learning rate after the warm-up"),
+    "power-ema": Option(("train.ema_sigma_rel=0.1", "train.ema_warmup=false", "train.ema_decay=0.9999"),
+                        "EDM2 power-function EMA, σ_rel 0.1"),
+    "ema0.9995": Option(("train.ema_decay=0.9995",), "EMA decay 0.9995 (twice the averaging length)"),
+    # the model size, batch and learning rate for the budget (DiT-T/2: depth 4, width 128, 4 heads, batch 64,
+    # lr 1e-3; a smaller model takes more steps in the same minutes, a larger one learns more per step)
+    "depth2": Option(("model.depth=2",), "depth 2 (half the compute per step)"),
+    "depth6": Option(("model.depth=6",), "depth 6 (1.5x the compute per step)"),
+    "width192": Option(("model.hidden_size=192", "model.num_heads=6"), "width 192, 6 heads (about 2x the compute)"),
+    "patch1": Option(("model.patch_size=1", "model.hidden_size=64", "model.num_heads=2"),
+                     "patch 1 (64 tokens of one latent pixel), width 64, 2 heads (about 1.35x the time per step)"),
+    "batch128": Option(("train.global_batch_size=128",), "batch 128 (half the steps)"),
+    "batch32": Option(("train.global_batch_size=32",), "batch 32 (twice the steps)"),
+    "batch16": Option(("train.global_batch_size=16",), "batch 16 (four times the steps)"),
+    "lr2e-3": Option(("train.lr=2e-3",), "lr 2e-3"),
+    "beta2-0.99": Option(("train.betas=[0.9,0.99]",), "Adam β₂ 0.99 (a 100-step second-moment memory)"),
+    # where the training times fall: logit-normal centred on t = 0.5 (the recipe) or nearer the data
+    "logit-mean-0.5": Option(("diffusion.logit_mean=-0.5",), "logit-normal times centred on t ≈ 0.38"),
+    "dropout0.2": Option(("model.class_dropout_prob=0.2",), "label dropout 0.2"),
+    # the optimizer, with its learning rate spelled out (a later lr2e-3 overrides it)
+    "adamw": Option(("train.optimizer=adamw", "train.lr=1e-3"), "AdamW, lr 1e-3"),
+    "muon": Option(("train.optimizer=muon", "train.lr=1e-3"),
+                   "Muon for the blocks' attention and MLP matrices, AdamW for the rest, lr 1e-3"),
+}
+
+# the rows run when --recipes is not given: the recipes, the model options on the flow recipe they were
+# designed for, and the demo's recipe with each of its alternatives
+DEFAULT_ROWS = (*BASES, *(f"flow-lognorm+{o}" for o in ("rmsnorm", "swiglu", "rope", "qknorm")),
+                *(f"best+{o}" for o in ("constant-lr", "no-internal", "adamw", "layersync", "dispersive",
+                                        "power-ema", "depth2", "depth6", "width192", "patch1", "batch32",
+                                        "lr2e-3")))
+
+
+def recipe(name: str) -> Recipe:
+    """The row ``BASE[+OPTION...]``: the base recipe with each option's overrides on top, in order."""
+    base, *options = name.split("+")
+    unknown = [o for o in options if o not in OPTIONS]
+    if base not in BASES or unknown or len(set(options)) != len(options):
+        raise LatentDiTError(
+            f"--recipes: {name!r} is not BASE[+OPTION...] with BASE one of {', '.join(BASES)} and distinct "
+            f"OPTIONs from {', '.join(OPTIONS)}")
+    b = BASES[base]
+    return Recipe(name, b.config, b.overrides + tuple(v for o in options for v in OPTIONS[o].overrides),
+                  b.samplers, "; ".join([b.what, *(OPTIONS[o].what for o in options)]))
+
+
 # the config fields a run gets from where --out is, not from its row
 PATHS_UNDER_OUT = {("data", "latents"), ("train", "run_dir")}
 
@@ -170,6 +189,11 @@ class Bench:
             raise LatentDiTError(f"--data: recipe {recipe.name} is not built on the demo's recipe; on an image "
                                  "folder only best and best+... apply (they train configs/clipart.yaml)")
         return FOLDER_CONFIG
+
+    def variants(self, recipe: Recipe) -> tuple[tuple[str, tuple[str, ...]], ...]:
+        """The guidance variants a row is scored with: also Internal Guidance where its model has an internal head."""
+        config = load_config(self.config(recipe), list(recipe.overrides))
+        return INTERNAL_VARIANTS if config.model.internal_block is not None else (("", ()),)
 
     def prepare(self) -> None:
         self.data.run(["split", "extract", "reference", "floors"] if self.on_folder else ["extract", "reference"])
@@ -296,8 +320,9 @@ def main(argv=None) -> int:
     p.add_argument("--minutes", type=non_negative_float, default=5.0, help="training budget of every recipe")
     p.add_argument("--steps", type=positive_int, default=None,
                    help="train every recipe for this many steps instead of --minutes (quality per step)")
-    p.add_argument("--recipes", nargs="+", choices=RECIPE_NAMES, default=list(RECIPE_NAMES), metavar="NAME",
-                   help=f"which recipes, run in this order: {', '.join(RECIPE_NAMES)}")
+    p.add_argument("--recipes", nargs="+", default=list(DEFAULT_ROWS), metavar="BASE[+OPTION...]",
+                   help=f"the rows, run in this order: a base recipe ({', '.join(BASES)}) with options on top, "
+                        f"applied in order ({', '.join(OPTIONS)})")
     p.add_argument("--repeats", type=positive_int, default=1, help="train each recipe this many times, interleaved")
     p.add_argument("--data", type=Path, default=None,
                    help="an image folder instead of Fashion-MNIST, split and scored as tools/demo.py --data does")
@@ -315,26 +340,26 @@ def main(argv=None) -> int:
     if args.minutes <= 0:
         raise LatentDiTError("--minutes must be > 0: the recipes are compared at a fixed training budget")
 
+    recipes = [recipe(name) for name in dict.fromkeys(args.recipes)]  # as given
     bench = Bench(args)
-    recipes = [next(r for r in RECIPES if r.name == name) for name in dict.fromkeys(args.recipes)]  # as given
-    for recipe in recipes:  # refused before anything runs
-        bench.config(recipe)
+    variants = {r.name: bench.variants(r) for r in recipes}  # an unusable row is refused before anything runs
+    for row in recipes:
         for repeat in range(args.repeats):
-            bench.check_run(recipe, repeat)
+            bench.check_run(row, repeat)
     started = time.time()
     bench.prepare()
     floors = bench.floors()
     results: dict[tuple[str, int], dict] = {}
     for repeat in range(args.repeats):
-        for recipe in recipes:
-            if args.table_only and not bench.finished(recipe, repeat):
+        for row in recipes:
+            if args.table_only and not bench.finished(row, repeat):
                 continue
-            train = bench.train(recipe, repeat)
-            samplers = recipe.samplers[1:] if args.fast_only else recipe.samplers
-            scores = {_eval_name(s, n, tag): bench.sample_and_score(recipe, repeat, s, n, tag, flags)
-                      for s, n in samplers for tag, flags in recipe.variants
-                      if not args.table_only or bench.scored(recipe, repeat, s, n, tag)}
-            results[(recipe.name, repeat)] = {"train": train, "scores": scores}
+            train = bench.train(row, repeat)
+            samplers = row.samplers[1:] if args.fast_only else row.samplers
+            scores = {_eval_name(s, n, tag): bench.sample_and_score(row, repeat, s, n, tag, flags)
+                      for s, n in samplers for tag, flags in variants[row.name]
+                      if not args.table_only or bench.scored(row, repeat, s, n, tag)}
+            results[(row.name, repeat)] = {"train": train, "scores": scores}
 
     recon_kid = floors["VAE reconstructions"]["kid_mean"]
     budget = f"{args.steps} steps" if args.steps else f"{args.minutes:g} min"
@@ -361,12 +386,12 @@ def main(argv=None) -> int:
                           "fid": m["fid"], "kid_mean": m["kid_mean"], "kid_std": m["kid_std"], "excess_kid": excess})
     if args.repeats > 1:
         print("\nspread over repeats (KID x1000 min–max per recipe and sampler):")
-        for recipe in recipes:
-            for name in (_eval_name(s, n, tag) for s, n in recipe.samplers for tag, _ in recipe.variants):
-                kids = [row["kid_mean"] * 1000 for row in table
-                        if row["recipe"] == recipe.name and row["sampler"] == name]
+        for row in recipes:
+            for name in (_eval_name(s, n, tag) for s, n in row.samplers for tag, _ in variants[row.name]):
+                kids = [line["kid_mean"] * 1000 for line in table
+                        if line["recipe"] == row.name and line["sampler"] == name]
                 if kids:
-                    print(f"  {recipe.name:<26} {name:<14} {min(kids):.1f}–{max(kids):.1f}  "
+                    print(f"  {row.name:<26} {name:<14} {min(kids):.1f}–{max(kids):.1f}  "
                           f"(mean {sum(kids) / len(kids):.1f})")
     print("excess = KID x1000 above the VAE-reconstruction floor (the DiT's share of the distance)")
     print(f"total wall time {(time.time() - started) / 60:.1f} min")

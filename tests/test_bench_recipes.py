@@ -1,5 +1,5 @@
-"""benchmarks/bench_recipes.py: a run already in --out is reused or continued only under the config its
-row resolves to now."""
+"""benchmarks/bench_recipes.py: rows compose a base recipe with options; a run already in --out is reused or
+continued only under the config its row resolves to now."""
 
 from __future__ import annotations
 
@@ -36,7 +36,7 @@ def _started(bench, recipe, overrides=()):
 
 def test_a_run_started_with_the_rows_config_is_reused(bench_module, tmp_path):
     bench = _bench(bench_module, tmp_path)
-    recipe = next(r for r in bench_module.RECIPES if r.name == "best+adamw")
+    recipe = bench_module.recipe("best+adamw")
     bench.check_run(recipe, 0)  # nothing there yet
     _started(bench, recipe)
     bench.check_run(recipe, 0)
@@ -48,10 +48,36 @@ def test_a_run_started_with_the_rows_config_is_reused(bench_module, tmp_path):
 
 def test_a_run_whose_row_changed_meaning_is_refused_naming_the_fields(bench_module, tmp_path):
     bench = _bench(bench_module, tmp_path)
-    recipe = next(r for r in bench_module.RECIPES if r.name == "best+muon")
+    recipe = bench_module.recipe("best+muon")
     _started(bench, recipe, ("train.optimizer=adamw", "train.max_minutes=10"))
     with pytest.raises(LatentDiTError, match=r"config\.yaml: run best\+muon-r0 was started with another config") as e:
         bench.check_run(recipe, 0)
     message = str(e.value)
     assert "train.optimizer 'adamw' → 'muon'" in message and "train.max_minutes 10.0 → 5.0" in message
     assert "train.lr" not in message and "another --out" in message
+
+
+def test_a_row_is_its_base_with_each_options_overrides_in_order(bench_module, tmp_path):
+    row = bench_module.recipe("best+adamw+lr2e-3")
+    assert row.config == "configs/fashion_mnist.yaml"
+    assert row.overrides == ("train.optimizer=adamw", "train.lr=1e-3", "train.lr=2e-3")
+    config = load_config(_bench(bench_module, tmp_path).config(row), list(row.overrides))
+    assert (config.train.optimizer, config.train.lr) == ("adamw", 2e-3)  # the later option wins
+    flow = bench_module.recipe("flow-lognorm+rmsnorm")
+    assert flow.overrides[-1] == "model.norm=rmsnorm" and flow.samplers == bench_module.FLOW_SAMPLERS
+
+
+@pytest.mark.parametrize("name", ["best+nope", "nope", "best+wsd+wsd", "best+"])
+def test_a_row_that_is_not_base_plus_options_is_refused_in_one_line(bench_module, name):
+    with pytest.raises(LatentDiTError, match=r"--recipes: .* is not BASE\[\+OPTION\.\.\.\]") as e:
+        bench_module.recipe(name)
+    assert "\n" not in str(e.value) and "best" in str(e.value) and "adamw" in str(e.value)
+
+
+def test_rows_with_an_internal_head_are_also_scored_with_internal_guidance(bench_module, tmp_path):
+    bench = _bench(bench_module, tmp_path)
+    plain = (("", ()),)
+    assert bench.variants(bench_module.recipe("best+internal")) == bench_module.INTERNAL_VARIANTS
+    assert bench.variants(bench_module.recipe("best+internal+no-internal")) == plain
+    assert bench.variants(bench_module.recipe("flow")) == plain
+    assert all(bench_module.recipe(name) for name in bench_module.DEFAULT_ROWS)
