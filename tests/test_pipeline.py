@@ -41,6 +41,28 @@ def test_train_stage_uses_accelerate_and_resumes(tmp_path, monkeypatch):
     assert extract_cmd[extract_cmd.index("--limit") + 1] == str(DemoSettings.extract_limit)
 
 
+def test_the_recipes_internal_head_is_sampled_with_internal_guidance(tmp_path, monkeypatch):
+    """configs/fashion_mnist.yaml trains an internal head: the grid and the FID samples take the demo's Internal
+    Guidance weight, and the report says so; without the head (or with weight 1) the flags are absent."""
+    def commands(**settings):
+        demo = Demo(DemoSettings(out=tmp_path, cfg_scales=(1.5,), **settings), log=lambda s: None)
+        seen = []
+        monkeypatch.setattr(demo, "_run", lambda name, cmd: seen.append(cmd))
+        monkeypatch.setattr(demo, "checkpoint", lambda: tmp_path / "ema.safetensors")
+        demo.stage_grid()
+        demo.stage_samples()
+        return demo, seen
+
+    demo, (grid, samples) = commands()
+    for cmd in (grid, samples):
+        assert cmd[cmd.index("--internal-scale") + 1] == f"{DemoSettings.internal_scale:g}"
+    assert demo.sampler_text() == f"heun-10 with Internal Guidance w {DemoSettings.internal_scale:g}"
+    demo.check(["grid", "samples"])
+    for settings in (dict(internal_scale=1.0), dict(train_overrides=["model.internal_block=null"])):
+        demo, seen = commands(**settings)
+        assert not any("--internal-scale" in cmd for cmd in seen) and demo.sampler_text() == "heun-10"
+
+
 def test_unknown_stage_and_missing_checkpoint_are_clear_errors(tmp_path):
     demo = Demo(DemoSettings(out=tmp_path), log=lambda s: None)
     with pytest.raises(LatentDiTError, match="unknown demo stage"):

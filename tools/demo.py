@@ -80,6 +80,7 @@ class DemoSettings:
     reference_samples: int = 500            # held-out test images
     sampler: str = "heun"                   # the flow recipe's fast sampler: 10 Heun steps = 19 model evaluations
     num_steps: int = 10
+    internal_scale: float = 2.0             # Internal Guidance weight where the recipe's model has an internal head
     seed: int = 0
     fid_batch_size: int = 50
     data_dir: Path | None = None            # where latents/ and reference/ live (default: out); lets runs share them
@@ -146,6 +147,30 @@ class Demo:
     @property
     def config_file(self) -> Path:
         return FOLDER_CONFIG if self.folder else DEMO_CONFIG
+
+    def train_config(self):
+        """The training stage's resolved config (the recipe with every override), checked as the training tool
+        checks it."""
+        from latentdit.config import load_config
+
+        return load_config(self.config_file, self.train_overrides())
+
+    @property
+    def internal_scale(self) -> float:
+        """The samples' Internal Guidance weight: the setting where the recipe's model has an internal head
+        (``model.internal_block``), else 1 (off)."""
+        return self.s.internal_scale if self.train_config().model.internal_block is not None else 1.0
+
+    def sampler_flags(self) -> list[str]:
+        """The sampler options of every sampling stage."""
+        w = self.internal_scale
+        return ["--sampler", self.s.sampler, "--num-steps", str(self.s.num_steps),
+                *(["--internal-scale", f"{w:g}"] if w != 1.0 else [])]
+
+    def sampler_text(self) -> str:
+        """How the samples are drawn, for the report: ``heun-10``, with the Internal Guidance weight if any."""
+        w = self.internal_scale
+        return f"{self.s.sampler}-{self.s.num_steps}" + (f" with Internal Guidance w {w:g}" if w != 1.0 else "")
 
     @property
     def split_dir(self) -> Path:
@@ -313,8 +338,7 @@ class Demo:
     def stage_grid(self) -> None:
         cmd = [sys.executable, _tool("sample.py"), "--ckpt", str(self.checkpoint()),
                "--samples-per-label", str(self.s.samples_per_class),
-               "--cfg-scale", f"{self.s.grid_cfg_scale:g}", "--sampler", self.s.sampler,
-               "--num-steps", str(self.s.num_steps), "--seed", str(self.s.seed),
+               "--cfg-scale", f"{self.s.grid_cfg_scale:g}", *self.sampler_flags(), "--seed", str(self.s.seed),
                *(["--labels", "0,0,0,0"] if self.flat else []),
                "--out", str(self.report_dir / "samples.png"),
                "--trajectory", str(self.report_dir / "trajectory.png")]
@@ -331,8 +355,7 @@ class Demo:
             cmd = [sys.executable, _tool("sample_ddp.py"), "--ckpt", str(self.checkpoint()),
                    "--num-samples", str(self.s.fid_samples), "--cfg-scale", f"{scale:g}",
                    *(["--labels", self.label_mode] if self.label_mode != "balanced" else []),
-                   "--sampler", self.s.sampler, "--num-steps", str(self.s.num_steps),
-                   "--seed", str(self.s.seed), "--out-dir", str(self.samples_dir(scale))]
+                   *self.sampler_flags(), "--seed", str(self.s.seed), "--out-dir", str(self.samples_dir(scale))]
             self._run(f"samples cfg {scale:g}", cmd)
 
     def floor_json(self, name: str) -> Path:
@@ -374,13 +397,11 @@ class Demo:
     def check(self, stages: Sequence[str]) -> None:
         """Everything the chosen stages need that is known now: raises :class:`LatentDiTError` before the first
         stage instead of after minutes of work."""
-        from latentdit.config import load_config
-
         unknown = [s for s in stages if s not in STAGES]
         if unknown:
             raise LatentDiTError(f"unknown demo stage(s) {unknown}; valid stages: {', '.join(STAGES)}")
         check_output_folder(self.out, "--out")
-        cfg = load_config(self.config_file, self.train_overrides())  # every override, as the training tool checks it
+        cfg = self.train_config()
         demo_folder.check_folder(self, stages, FOLDER_ONLY, cfg.train.global_batch_size)
         if {"grid", "samples"} & set(stages):  # the sampler settings, against the process trained with
             from latentdit.diffusion import build_process
@@ -389,8 +410,9 @@ class Demo:
             process = build_process(cfg.diffusion)
             for scale in (self.s.grid_cfg_scale, *self.s.cfg_scales):
                 # the demo guides every latent channel, so their number plays no part here
-                SamplerSettings(sampler=self.s.sampler, num_steps=self.s.num_steps,
-                                cfg_scale=scale).resolved(process, in_channels=cfg.model.in_channels or 1)
+                SamplerSettings(sampler=self.s.sampler, num_steps=self.s.num_steps, cfg_scale=scale,
+                                internal_scale=self.internal_scale).resolved(
+                    process, in_channels=cfg.model.in_channels or 1, internal_head=cfg.model.internal_block is not None)
         if "extract" not in stages and "train" in stages and not self.train_done_marker.exists() \
                 and not (self.latents_dir / "manifest.json").is_file():
             raise LatentDiTError(f"nothing to train on: no latents in {self.latents_dir}; run the 'extract' "
@@ -438,6 +460,9 @@ def main(argv=None) -> int:
                    help="the Inception TorchScript file, if not the installed one (passed to tools/fid.py)")
     p.add_argument("--sampler", choices=SAMPLERS, default=DemoSettings.sampler)
     p.add_argument("--num-steps", type=positive_int, default=DemoSettings.num_steps)
+    p.add_argument("--internal-scale", type=non_negative_float, default=DemoSettings.internal_scale, metavar="W",
+                   help="Internal Guidance weight of the grid and the samples where the recipe's model has an "
+                        "internal head (model.internal_block, as configs/fashion_mnist.yaml has); 1 = off")
     p.add_argument("--seed", type=int, default=DemoSettings.seed)
     p.add_argument("train_overrides", nargs="*", metavar="section.field=value",
                    help="extra overrides for configs/fashion_mnist.yaml (--data: configs/clipart.yaml), "
@@ -452,7 +477,8 @@ def main(argv=None) -> int:
         cfg_scales=tuple(args.cfg_scales) if args.cfg_scales else default_scales,
         grid_cfg_scale=default_grid if args.grid_cfg_scale is None else args.grid_cfg_scale,
         fid_samples=args.fid_samples or (FOLDER_FID_SAMPLES if args.data else DemoSettings.fid_samples),
-        reference_samples=args.reference_samples, sampler=args.sampler, num_steps=args.num_steps, seed=args.seed,
+        reference_samples=args.reference_samples, sampler=args.sampler, num_steps=args.num_steps,
+        internal_scale=args.internal_scale, seed=args.seed,
         data=args.data, held_out=parse_held_out(args.held_out), detector=args.detector)
     Demo(settings).run(args.only)
     return 0

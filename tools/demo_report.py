@@ -49,14 +49,14 @@ def _intro(demo: Any, split: dict | None) -> list[str]:
     s = demo.s
     if split is None:
         return [f"Fashion-MNIST at {s.image_size}×{s.image_size} through the bundled KL-f8 VAE; a class-conditional "
-                f"DiT trained for {s.train_minutes:g} min; {s.sampler}-{s.num_steps} samples; FID/KID of "
+                f"DiT trained for {s.train_minutes:g} min; {demo.sampler_text()} samples; FID/KID of "
                 f"{s.fid_samples} guided samples per scale (balanced labels) against {s.reference_samples} held-out "
                 "test images.", ""]
     flat = split["layout"] == "flat"
     kind = ("one class (a flat folder): an unconditional DiT" if flat else
             f"{len(split['class_names'])} classes (one per subfolder): a class-conditional DiT")
     lines = [f"The image folder `{split['source']}` at {s.image_size}×{s.image_size} through the VAE `{demo.vae_spec()}`; "
-             f"{kind} trained for {s.train_minutes:g} min; {s.sampler}-{s.num_steps} samples; FID/KID of "
+             f"{kind} trained for {s.train_minutes:g} min; {demo.sampler_text()} samples; FID/KID of "
              f"{s.fid_samples} samples per scale against the held-out images.", "",
              "## Split", "",
              f"{split['num_train']} training and {split['num_held_out']} held-out images. "
@@ -102,7 +102,7 @@ def report_markdown(demo: Any, table: dict, floors: dict, split: dict | None, su
     s = demo.s
     grid_what = "unconditional samples" if split and split["layout"] == "flat" else "one row per class"
     lines = ["# latentdit demo report", "", *_intro(demo, split),
-             f"## Samples ({grid_what}, cfg {s.grid_cfg_scale:g}, {s.sampler}-{s.num_steps})", "",
+             f"## Samples ({grid_what}, cfg {s.grid_cfg_scale:g}, {demo.sampler_text()})", "",
              "![samples](samples.png)", ""]
     if (demo.report_dir / "trajectory.png").exists():
         lines += ["## Denoising trajectory", "",
@@ -115,7 +115,7 @@ def report_markdown(demo: Any, table: dict, floors: dict, split: dict | None, su
     reference = ("the first {n} Fashion-MNIST test images (never trained on)".format(n=s.reference_samples)
                  if split is None else "the held-out images (never trained on, nor encoded for training)")
     lines += ["## FID / KID by guidance scale", "",
-              f"Protocol: {s.fid_samples} samples per scale with {_labels_text(demo)}, {s.sampler}-{s.num_steps}, seed "
+              f"Protocol: {s.fid_samples} samples per scale with {_labels_text(demo)}, {demo.sampler_text()}, seed "
               f"{s.seed}; reference: {reference}; TF-Inception pool3 features."]
     if split is not None:
         lines += ["", "Floors, scored the same way against the same reference in the same run: real training images "
