@@ -157,9 +157,14 @@ class Demo:
 
     @property
     def internal_scale(self) -> float:
-        """The samples' Internal Guidance weight: the setting where the recipe's model has an internal head
-        (``model.internal_block``), else 1 (off)."""
-        return self.s.internal_scale if self.train_config().model.internal_block is not None else 1.0
+        """The samples' Internal Guidance weight: the setting where the model has an internal head
+        (``model.internal_block`` of the run's saved config once training has started, else of the recipe),
+        else 1 (off)."""
+        from latentdit.config import load_config
+
+        saved = self.run_dir / "config.yaml"
+        config = load_config(saved) if saved.is_file() else self.train_config()
+        return self.s.internal_scale if config.model.internal_block is not None else 1.0
 
     def sampler_flags(self) -> list[str]:
         """The sampler options of every sampling stage."""
