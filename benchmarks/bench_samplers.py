@@ -1,8 +1,9 @@
 """Sample quality per model evaluation: one trained DiT, several samplers, the same labels and seeds.
 
 Takes the checkpoint and the held-out reference of a finished demo run (``python tools/demo.py``; any
-``--out``), draws the same balanced labels and per-sample seeds with each sampler setting, and scores
-each against the demo's reference images with FID, KID (± over subsets), precision and recall. Sample
+``--out``), draws the same balanced labels and per-sample seeds with each sampler setting (with the demo's
+Internal Guidance where its model has an internal head), and scores each against the demo's reference
+images with FID, KID (± over subsets), precision and recall. Sample
 quality does not depend on the machine's load, so this benchmark can share the machine; its timing
 column is wall-clock seconds of sampling and is only comparable between rows of one quiet run.
 
@@ -67,16 +68,20 @@ def main(argv=None) -> int:
     ckpt, reference = demo.checkpoint(), demo.reference_npz
     if not reference.is_file():
         raise LatentDiTError(f"--demo {args.demo}: no reference images at {reference}; run the demo first")
+    internal = demo.internal_scale  # the demo's Internal Guidance where its model has an internal head
     out = args.out or args.demo / "samplers"
     rows = []
     for name, steps, shift in settings:
-        tag = f"{name}-{steps}" + (f"-shift{shift:g}" if shift is not None else "") + f"-cfg{args.cfg_scale:g}"
+        tag = (f"{name}-{steps}" + (f"-shift{shift:g}" if shift is not None else "") + f"-cfg{args.cfg_scale:g}"
+               + (f"-ig{internal:g}" if internal != 1.0 else ""))
         folder = out / tag
         cmd = [sys.executable, str(ROOT / "tools" / "sample_ddp.py"), "--ckpt", str(ckpt), "--num-samples",
                str(args.samples), "--cfg-scale", f"{args.cfg_scale:g}", "--sampler", name, "--num-steps", str(steps),
                "--seed", str(args.seed), "--out-dir", str(folder)]
         if shift is not None:
             cmd += ["--time-shift", f"{shift:g}"]
+        if internal != 1.0:
+            cmd += ["--internal-scale", f"{internal:g}"]
         t0 = time.perf_counter()
         if not (folder / "samples.npz").is_file():
             subprocess.run(cmd, check=True)
@@ -89,7 +94,8 @@ def main(argv=None) -> int:
         rows.append((name, steps, shift, SAMPLERS[name].evaluations(steps), seconds, m))
 
     print(f"\nsamplers on {ckpt} ({args.samples} samples each, balanced labels, seed {args.seed}, cfg "
-          f"{args.cfg_scale:g}; reference {reference})")
+          f"{args.cfg_scale:g}" + (f", Internal Guidance w {internal:g}" if internal != 1.0 else "")
+          + f"; reference {reference})")
     print(f"{'sampler':<10} {'steps':>5} {'shift':>5} {'NFE':>4} {'FID':>7} {'KID x1000':>15} {'P':>5} {'R':>5} "
           f"{'sample s':>8}")
     for name, steps, shift, nfe, seconds, m in rows:

@@ -49,14 +49,14 @@ def _intro(demo: Any, split: dict | None) -> list[str]:
     s = demo.s
     if split is None:
         return [f"Fashion-MNIST at {s.image_size}×{s.image_size} through the bundled KL-f8 VAE; a class-conditional "
-                f"DiT trained for {s.train_minutes:g} min; {demo.sampler_text()} samples; FID/KID of "
+                f"DiT trained for {s.train_minutes:g} min; samples by {demo.sampler_text()}; FID/KID of "
                 f"{s.fid_samples} guided samples per scale (balanced labels) against {s.reference_samples} held-out "
                 "test images.", ""]
     flat = split["layout"] == "flat"
     kind = ("one class (a flat folder): an unconditional DiT" if flat else
             f"{len(split['class_names'])} classes (one per subfolder): a class-conditional DiT")
     lines = [f"The image folder `{split['source']}` at {s.image_size}×{s.image_size} through the VAE `{demo.vae_spec()}`; "
-             f"{kind} trained for {s.train_minutes:g} min; {demo.sampler_text()} samples; FID/KID of "
+             f"{kind} trained for {s.train_minutes:g} min; samples by {demo.sampler_text()}; FID/KID of "
              f"{s.fid_samples} samples per scale against the held-out images.", "",
              "## Split", "",
              f"{split['num_train']} training and {split['num_held_out']} held-out images. "
