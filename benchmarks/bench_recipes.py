@@ -7,14 +7,19 @@ test images. Two floors are measured with the same protocol in the same run: rea
 images (what a perfect generator scores) and the VAE's reconstructions of those images (what a perfect
 DiT can score with this VAE), so each row says how much of its distance is the DiT's.
 
-    python benchmarks/bench_recipes.py                              # all recipes, 5 min each
+    python benchmarks/bench_recipes.py                              # the default rows, 5 min each
     python benchmarks/bench_recipes.py --minutes 15 --recipes eps flow best
+    python benchmarks/bench_recipes.py --recipes best best+adamw best+constant-lr+no-internal+lr2e-3
     python benchmarks/bench_recipes.py --repeats 2                  # run the list twice, interleaved
     python benchmarks/bench_recipes.py --steps 2500 --repeats 2     # a fixed number of steps instead
     # an image folder, with the protocol of `tools/demo.py --data` (its split, floors, configs/clipart.yaml,
     # labels in the training proportions): the rows built on the demo's recipe (best, best+...)
     python benchmarks/bench_recipes.py --data /usr/share/openclipart/png --out bench_clipart --fid-samples 300 \
         --cfg-scale 3 --recipes best best+internal
+
+A row is a base recipe with options on top, ``BASE+OPTION+OPTION…``: each option's config overrides are
+applied in order, so a later one wins (``--help`` lists both). A row whose model has an internal head
+(``model.internal_block``) is scored plain and with Internal Guidance w 2.
 
 With ``--minutes`` every recipe gets the same wall-clock budget (quality per compute, the machine's speed
 included); with ``--steps`` the same number of steps (quality per step, independent of the machine's load),
@@ -372,15 +377,18 @@ def main(argv=None) -> int:
     header = (f"\nrecipes at {budget} of training each ({data}); {args.fid_samples} samples per row ({protocol}; "
               f"machine: {platform.machine()}, {torch.get_num_threads()} threads")
     print(header)
-    print(f"{'row':<28} {'sampler':<14} {'steps':>6} {'img/s':>7} {'FID':>8} {'KID x1000':>15} {'excess':>7}")
+    for row in recipes:
+        print(f"  {row.name}: {row.what}")
+    width = max(28, *(len(r.name) + 4 for r in recipes))
+    print(f"{'row':<{width}} {'sampler':<14} {'steps':>6} {'img/s':>7} {'FID':>8} {'KID x1000':>15} {'excess':>7}")
     for name, m in floors.items():
-        print(f"{'floor: ' + name:<28} {'-':<14} {'-':>6} {'-':>7} {_metrics_line(m)} {'':>7}")
+        print(f"{'floor: ' + name:<{width}} {'-':<14} {'-':>6} {'-':>7} {_metrics_line(m)} {'':>7}")
     table = []
     for (name, repeat), r in results.items():
         for sampler, m in r["scores"].items():
             excess = (m["kid_mean"] - recon_kid) * 1000
             label = name if args.repeats == 1 else f"{name} #{repeat}"
-            print(f"{label:<28} {sampler:<14} {r['train']['steps']:>6d} {r['train']['img_per_sec']:>7.0f} "
+            print(f"{label:<{width}} {sampler:<14} {r['train']['steps']:>6d} {r['train']['img_per_sec']:>7.0f} "
                   f"{_metrics_line(m)} {excess:>7.1f}")
             table.append({"recipe": name, "repeat": repeat, "sampler": sampler, **r["train"],
                           "fid": m["fid"], "kid_mean": m["kid_mean"], "kid_std": m["kid_std"], "excess_kid": excess})
@@ -391,7 +399,7 @@ def main(argv=None) -> int:
                 kids = [line["kid_mean"] * 1000 for line in table
                         if line["recipe"] == row.name and line["sampler"] == name]
                 if kids:
-                    print(f"  {row.name:<26} {name:<14} {min(kids):.1f}–{max(kids):.1f}  "
+                    print(f"  {row.name:<{width - 2}} {name:<14} {min(kids):.1f}–{max(kids):.1f}  "
                           f"(mean {sum(kids) / len(kids):.1f})")
     print("excess = KID x1000 above the VAE-reconstruction floor (the DiT's share of the distance)")
     print(f"total wall time {(time.time() - started) / 60:.1f} min")
