@@ -48,9 +48,14 @@ def denoise_from(model, process, settings, x0: torch.Tensor, labels: torch.Tenso
     """``x0`` noised to ``t_start`` with per-sample noise (index ``first_index + j``), then the sampler of
     ``settings`` (a :class:`latentdit.sampling.settings.ResolvedSettings`) from ``t_start`` to 0."""
     from latentdit.diffusion.samplers import SAMPLERS as SAMPLER_SPECS
+    from latentdit.models.guidance import check_guidance_possible
     from latentdit.sampling.guidance import make_model_fn
     from latentdit.sampling.noise import per_sample_noise
 
+    if settings.time_shift not in (None, 1.0):
+        raise LatentDiTError(f"the model samples with time shift {settings.time_shift:g}; this benchmark walks an "
+                             "even grid (time shift 1)")
+    check_guidance_possible(model, settings.cfg_scale)
     if t_start == 0:
         return x0.clone()
     noise = per_sample_noise(seed, range(first_index, first_index + x0.shape[0]))
@@ -58,6 +63,20 @@ def denoise_from(model, process, settings, x0: torch.Tensor, labels: torch.Tenso
     model_fn = make_model_fn(model, labels, cfg_scale=settings.cfg_scale, internal_scale=settings.internal_scale)
     return SAMPLER_SPECS[settings.sampler].fn(model_fn, x_t, start_grid(process, t_start, settings.num_steps),
                                               noise=noise)
+
+
+def check_record(path: Path, record: dict) -> None:
+    """Results under ``--out`` are reused only for the same checkpoint, images, seed and sampling settings: the
+    first run writes ``record``; a later one with other settings is refused, naming the fields."""
+    if not path.is_file():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_json(path, record)
+        return
+    old = read_json(path, "settings record")
+    changed = [f"{k} {old.get(k)!r} → {v!r}" for k, v in record.items() if old.get(k) != v]
+    if changed:
+        raise LatentDiTError(f"{path}: the results there were made with other settings ({'; '.join(changed)}); "
+                             "pass another --out or remove them")
 
 
 def main(argv=None) -> int:
@@ -75,13 +94,15 @@ def main(argv=None) -> int:
                    metavar="T", help="flow times to start from, in [0, 1]")
     p.add_argument("--count", type=positive_int, default=1000, help="held-out test images per time")
     p.add_argument("--cfg-scale", type=non_negative_float, default=1.5)
+    p.add_argument("--internal-scale", type=non_negative_float, default=DemoSettings.internal_scale, metavar="W",
+                   help="Internal Guidance weight where the model has an internal head (the demo's default; 1 = off)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch-size", type=positive_int, default=250)
     args = p.parse_args(argv)
 
     if any(t > 1 for t in args.times):
         raise LatentDiTError(f"--times: flow times lie in [0, 1], got {args.times}")
-    demo = Demo(DemoSettings(out=args.demo), log=lambda s: None)
+    demo = Demo(DemoSettings(out=args.demo, internal_scale=args.internal_scale), log=lambda s: None)
     if demo.folder is not None or (demo.out / "split").exists():
         raise LatentDiTError(f"--demo {args.demo}: a folder demo; this benchmark takes held-out Fashion-MNIST "
                              "test images (a folder's held-out images are its reference)")
@@ -105,6 +126,9 @@ def main(argv=None) -> int:
     x0 = norm.normalize(vae.encode_moments_batched(images)[0])
 
     out = args.out or args.demo / "excess_by_time"
+    record = {"checkpoint": ckpt.path.resolve().relative_to(demo.out).as_posix(), "count": args.count,
+              "seed": args.seed, "sampling": settings.describe()}
+    check_record(out / "settings.json", record)
     rows = []
     for t in dict.fromkeys(args.times):
         folder = out / f"t{t:g}"
@@ -124,7 +148,7 @@ def main(argv=None) -> int:
     print(f"\n{ckpt.path}: {args.count} held-out test images (after the reference's {reference_count}), noised to t "
           f"and sampled back ({settings.describe()}, ceil({settings.num_steps}·t) steps; seed {args.seed}); "
           f"reference {demo.reference_npz}")
-    floor = rows[0][1]["kid_mean"] if rows[0][0] == 0 else None
+    floor = next((m["kid_mean"] for t, m in rows if t == 0), None)
     print(f"{'t':>5} {'FID':>7} {'KID x1000':>15} {'above t=0':>9}")
     for t, m in rows:
         above = f"{1000 * (m['kid_mean'] - floor):>9.2f}" if floor is not None else f"{'-':>9}"

@@ -18,8 +18,9 @@ DiT can score with this VAE), so each row says how much of its distance is the D
         --cfg-scale 3 --recipes best best+internal
 
 A row is a base recipe with options on top, ``BASE+OPTION+OPTION…``: each option's config overrides are
-applied in order, so a later one wins (``--help`` lists both). A row whose model has an internal head
-(``model.internal_block``) is scored plain and with Internal Guidance w 2.
+applied on top of the base, and no two options of a row may set the same field (``--help`` lists bases and
+options). A row whose model has an internal head (``model.internal_block``) is scored plain and with Internal
+Guidance at the demo's weight (2).
 
 With ``--minutes`` every recipe gets the same wall-clock budget (quality per compute, the machine's speed
 included); with ``--steps`` the same number of steps (quality per step, independent of the machine's load),
@@ -84,7 +85,8 @@ class Option:
 DDPM_SAMPLERS = (("ddim", 50), ("dpm-solver", 20))
 FLOW_SAMPLERS = (("euler", 50), ("heun", 10))
 # guidance variants of a model with an internal head: (tag, extra sample_ddp.py flags); "" is the cfg scale alone
-INTERNAL_VARIANTS = (("", ()), ("ig2", ("--internal-scale", "2")))
+_IG = f"{DemoSettings.internal_scale:g}"  # the demo's Internal Guidance weight
+INTERNAL_VARIANTS = (("", ()), (f"ig{_IG}", ("--internal-scale", _IG)))
 
 BASES = {r.name: r for r in (
     Recipe("dit-official", "configs/fashion_mnist_dit_baseline.yaml", (), (("ddpm", 250), ("dpm-solver", 20)),
@@ -126,37 +128,49 @@ OPTIONS = {
     "depth6": Option(("model.depth=6",), "depth 6 (1.5x the compute per step)"),
     "width192": Option(("model.hidden_size=192", "model.num_heads=6"), "width 192, 6 heads (about 2x the compute)"),
     "patch1": Option(("model.patch_size=1", "model.hidden_size=64", "model.num_heads=2"),
-                     "patch 1 (64 tokens of one latent pixel), width 64, 2 heads (about 1.35x the time per step)"),
+                     "patch 1 (64 tokens of one latent pixel), width 64, 2 heads (about 1.2x the time per step)"),
     "batch128": Option(("train.global_batch_size=128",), "batch 128 (half the steps)"),
     "batch32": Option(("train.global_batch_size=32",), "batch 32 (twice the steps)"),
     "batch16": Option(("train.global_batch_size=16",), "batch 16 (four times the steps)"),
+    "lr1e-3": Option(("train.lr=1e-3",), "lr 1e-3"),
     "lr2e-3": Option(("train.lr=2e-3",), "lr 2e-3"),
     "beta2-0.99": Option(("train.betas=[0.9,0.99]",), "Adam β₂ 0.99 (a 100-step second-moment memory)"),
     # where the training times fall: logit-normal centred on t = 0.5 (the recipe) or nearer the data
     "logit-mean-0.5": Option(("diffusion.logit_mean=-0.5",), "logit-normal times centred on t ≈ 0.38"),
     "dropout0.2": Option(("model.class_dropout_prob=0.2",), "label dropout 0.2"),
-    # the optimizer, with its learning rate spelled out (a later lr2e-3 overrides it)
-    "adamw": Option(("train.optimizer=adamw", "train.lr=1e-3"), "AdamW, lr 1e-3"),
-    "muon": Option(("train.optimizer=muon", "train.lr=1e-3"),
-                   "Muon for the blocks' attention and MLP matrices, AdamW for the rest, lr 1e-3"),
+    # the optimizer (at the recipe's learning rate: the Fashion-MNIST recipe's 1e-3, the folder recipe's 2e-3)
+    "adamw": Option(("train.optimizer=adamw",), "AdamW"),
+    "muon": Option(("train.optimizer=muon",), "Muon for the blocks' attention and MLP matrices, AdamW for the rest"),
 }
 
 # the rows run when --recipes is not given: the recipes, the model options on the flow recipe they were
 # designed for, and the demo's recipe with each of its alternatives
 DEFAULT_ROWS = (*BASES, *(f"flow-lognorm+{o}" for o in ("rmsnorm", "swiglu", "rope", "qknorm")),
                 *(f"best+{o}" for o in ("constant-lr", "no-internal", "adamw", "layersync", "dispersive",
-                                        "power-ema", "depth2", "depth6", "width192", "patch1", "batch32",
-                                        "lr2e-3")))
+                                        "power-ema", "no-internal+depth2", "depth6", "width192", "patch1",
+                                        "batch32", "lr2e-3")))
+
+
+def _field(override: str) -> str:
+    return override.split("=", 1)[0]
 
 
 def recipe(name: str) -> Recipe:
-    """The row ``BASE[+OPTION...]``: the base recipe with each option's overrides on top, in order."""
+    """The row ``BASE[+OPTION...]``: the base recipe with each option's overrides on top (no two options of a
+    row may set the same field, so their order does not matter)."""
     base, *options = name.split("+")
     unknown = [o for o in options if o not in OPTIONS]
     if base not in BASES or unknown or len(set(options)) != len(options):
         raise LatentDiTError(
             f"--recipes: {name!r} is not BASE[+OPTION...] with BASE one of {', '.join(BASES)} and distinct "
             f"OPTIONs from {', '.join(OPTIONS)}")
+    owner: dict[str, str] = {}
+    for o in options:
+        for field in map(_field, OPTIONS[o].overrides):
+            if field in owner:
+                raise LatentDiTError(f"--recipes: {name!r}: options {owner[field]} and {o} both set {field}; "
+                                     "keep one of them")
+            owner[field] = o
     b = BASES[base]
     return Recipe(name, b.config, b.overrides + tuple(v for o in options for v in OPTIONS[o].overrides),
                   b.samplers, "; ".join([b.what, *(OPTIONS[o].what for o in options)]))
@@ -197,7 +211,10 @@ class Bench:
 
     def variants(self, recipe: Recipe) -> tuple[tuple[str, tuple[str, ...]], ...]:
         """The guidance variants a row is scored with: also Internal Guidance where its model has an internal head."""
-        config = load_config(self.config(recipe), list(recipe.overrides))
+        try:
+            config = load_config(self.config(recipe), list(recipe.overrides))
+        except LatentDiTError as e:
+            raise LatentDiTError(f"--recipes {recipe.name}: {e}") from None
         return INTERNAL_VARIANTS if config.model.internal_block is not None else (("", ()),)
 
     def prepare(self) -> None:
@@ -326,8 +343,8 @@ def main(argv=None) -> int:
     p.add_argument("--steps", type=positive_int, default=None,
                    help="train every recipe for this many steps instead of --minutes (quality per step)")
     p.add_argument("--recipes", nargs="+", default=list(DEFAULT_ROWS), metavar="BASE[+OPTION...]",
-                   help=f"the rows, run in this order: a base recipe ({', '.join(BASES)}) with options on top, "
-                        f"applied in order ({', '.join(OPTIONS)})")
+                   help=f"the rows, run in this order: a base recipe ({', '.join(BASES)}) with options on top "
+                        f"({', '.join(OPTIONS)})")
     p.add_argument("--repeats", type=positive_int, default=1, help="train each recipe this many times, interleaved")
     p.add_argument("--data", type=Path, default=None,
                    help="an image folder instead of Fashion-MNIST, split and scored as tools/demo.py --data does")

@@ -60,11 +60,13 @@ def main(argv=None) -> int:
     p.add_argument("--samplers", nargs="+", default=list(DEFAULT_SETTINGS), help="SAMPLER:STEPS[:TIME_SHIFT] ...")
     p.add_argument("--samples", type=positive_int, default=1000, help="samples per setting (balanced labels)")
     p.add_argument("--cfg-scale", type=non_negative_float, default=1.5)
+    p.add_argument("--internal-scale", type=non_negative_float, default=DemoSettings.internal_scale, metavar="W",
+                   help="Internal Guidance weight where the model has an internal head (the demo's default; 1 = off)")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
 
     settings = [parse_setting(s) for s in args.samplers]  # every setting checked before any work
-    demo = Demo(DemoSettings(out=args.demo))
+    demo = Demo(DemoSettings(out=args.demo, internal_scale=args.internal_scale))
     ckpt, reference = demo.checkpoint(), demo.reference_npz
     if not reference.is_file():
         raise LatentDiTError(f"--demo {args.demo}: no reference images at {reference}; run the demo first")

@@ -58,13 +58,20 @@ def test_a_run_whose_row_changed_meaning_is_refused_naming_the_fields(bench_modu
 
 
 def test_a_row_is_its_base_with_each_options_overrides_in_order(bench_module, tmp_path):
-    row = bench_module.recipe("best+adamw+lr2e-3")
+    row = bench_module.recipe("best+adamw+lr2e-3+constant-lr")
     assert row.config == "configs/fashion_mnist.yaml"
-    assert row.overrides == ("train.optimizer=adamw", "train.lr=1e-3", "train.lr=2e-3")
+    assert row.overrides == ("train.optimizer=adamw", "train.lr=2e-3", "train.lr_schedule=constant")
     config = load_config(_bench(bench_module, tmp_path).config(row), list(row.overrides))
-    assert (config.train.optimizer, config.train.lr) == ("adamw", 2e-3)  # the later option wins
+    assert (config.train.optimizer, config.train.lr, config.train.lr_schedule) == ("adamw", 2e-3, "constant")
     flow = bench_module.recipe("flow-lognorm+rmsnorm")
     assert flow.overrides[-1] == "model.norm=rmsnorm" and flow.samplers == bench_module.FLOW_SAMPLERS
+
+
+def test_two_options_that_set_the_same_field_are_refused(bench_module):
+    with pytest.raises(LatentDiTError, match=r"options lr1e-3 and lr2e-3 both set train\.lr"):
+        bench_module.recipe("best+lr1e-3+lr2e-3")
+    with pytest.raises(LatentDiTError, match=r"options internal and no-internal both set model\.internal_block"):
+        bench_module.recipe("best+internal+no-internal")
 
 
 @pytest.mark.parametrize("name", ["best+nope", "nope", "best+wsd+wsd", "best+"])
@@ -77,7 +84,10 @@ def test_a_row_that_is_not_base_plus_options_is_refused_in_one_line(bench_module
 def test_rows_with_an_internal_head_are_also_scored_with_internal_guidance(bench_module, tmp_path):
     bench = _bench(bench_module, tmp_path)
     plain = (("", ()),)
-    assert bench.variants(bench_module.recipe("best+internal")) == bench_module.INTERNAL_VARIANTS
-    assert bench.variants(bench_module.recipe("best+internal+no-internal")) == plain
+    assert bench.variants(bench_module.recipe("flow-lognorm+internal")) == bench_module.INTERNAL_VARIANTS
+    assert bench.variants(bench_module.recipe("best+no-internal")) == plain
     assert bench.variants(bench_module.recipe("flow")) == plain
-    assert all(bench_module.recipe(name) for name in bench_module.DEFAULT_ROWS)
+    for name in bench_module.DEFAULT_ROWS:  # every default row resolves to a config the trainer accepts
+        bench.variants(bench_module.recipe(name))
+    with pytest.raises(LatentDiTError, match=r"^--recipes best\+depth2: .*internal_block"):
+        bench.variants(bench_module.recipe("best+depth2"))  # the internal head needs a deeper model

@@ -61,6 +61,12 @@ def test_the_recipes_internal_head_is_sampled_with_internal_guidance(tmp_path, m
     for settings in (dict(internal_scale=1.0), dict(train_overrides=["model.internal_block=null"])):
         demo, seen = commands(**settings)
         assert not any("--internal-scale" in cmd for cmd in seen) and demo.sampler_text() == "heun-10"
+    # once training started, the run's saved config decides (a run trained before the recipe had the head)
+    from latentdit.config import load_config, save_config
+
+    demo.run_dir.mkdir(parents=True)
+    save_config(load_config(demo_tool.DEMO_CONFIG, ["model.internal_block=null"]), demo.run_dir / "config.yaml")
+    assert Demo(DemoSettings(out=tmp_path), log=lambda s: None).internal_scale == 1.0
 
 
 def test_unknown_stage_and_missing_checkpoint_are_clear_errors(tmp_path):
