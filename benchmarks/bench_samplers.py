@@ -82,8 +82,7 @@ def main(argv=None) -> int:
                "--seed", str(args.seed), "--out-dir", str(folder)]
         if shift is not None:
             cmd += ["--time-shift", f"{shift:g}"]
-        if internal != 1.0:
-            cmd += ["--internal-scale", f"{internal:g}"]
+        cmd += demo.internal_flags()
         t0 = time.perf_counter()
         if not (folder / "samples.npz").is_file():
             subprocess.run(cmd, check=True)

@@ -166,11 +166,14 @@ class Demo:
         config = load_config(saved) if saved.is_file() else self.train_config()
         return self.s.internal_scale if config.model.internal_block is not None else 1.0
 
+    def internal_flags(self) -> list[str]:
+        """``--internal-scale W`` for the sampling tools where the samples take Internal Guidance, else nothing."""
+        w = self.internal_scale
+        return ["--internal-scale", f"{w:g}"] if w != 1.0 else []
+
     def sampler_flags(self) -> list[str]:
         """The sampler options of every sampling stage."""
-        w = self.internal_scale
-        return ["--sampler", self.s.sampler, "--num-steps", str(self.s.num_steps),
-                *(["--internal-scale", f"{w:g}"] if w != 1.0 else [])]
+        return ["--sampler", self.s.sampler, "--num-steps", str(self.s.num_steps), *self.internal_flags()]
 
     def sampler_text(self) -> str:
         """How the samples are drawn, for the report: ``heun-10``, with the Internal Guidance weight if any."""
